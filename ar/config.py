@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                               ValidationError)
 
 T = TypeVar("T")
 
@@ -63,6 +64,8 @@ def _explain(err: OmegaConfBaseException, schema: type, source: str) -> ConfigEr
             f"{source}: unknown config key '{key}'.{hint} "
             f"Run the script with --help to list every valid key."
         )
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{source}: '{key}' is required; set it in a config file or as {key}=...")
     if isinstance(err, ValidationError):
         first = str(err).splitlines()[0]
         return ConfigError(f"{source}: bad value for '{key}': {first}")

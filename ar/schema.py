@@ -1,0 +1,78 @@
+"""The config schema of `train_gen.py`: one dataclass per component, every field commented.
+
+YAML files under configs/ are deltas over these defaults. Values that follow from the data
+(vocabulary size, grid, number of classes) are read from the code cache once and stored in
+the weights file's `GeneratorSpec`; they are never set by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ar.config import ConfigError
+from ar.model import ModelConfig
+from sampling.generate import SamplingConfig
+
+
+@dataclass
+class DataConfig:
+    codes: str = "???"  # code cache folder written by `python -m tokenizer.encode`
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256  # images per optimiser step, summed over processes and accumulation
+    micro_batch: Optional[int] = None  # images per process per forward; None: global_batch / processes
+    max_steps: int = 1000  # optimiser steps of the whole run (resumed runs count from the start)
+    lr: float = 1e-4  # peak learning rate (LlamaGen: 1e-4 at batch 256)
+    weight_decay: float = 0.05  # AdamW decay on matrices and tables only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
+    ema_decay: float = 0.9999  # EMA of the weights (the exported ones)
+    ema_warmup: bool = True  # ramp the EMA decay up as (1+s)/(10+s) early in training
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the training forward/backward
+    engine: str = "ddp"  # ddp (torchrun; a single process needs no launcher) | deepspeed
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (1: optimiser states, 2: + gradients)
+    seed: int = 0  # seeds the data order, dropout and initialisation
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10  # steps between logged (all-reduced) losses
+    ckpt_every: int = 500  # steps between resumable checkpoints (and EMA weight exports)
+    keep_ckpts: int = 2  # resumable checkpoints kept on disk
+    sample_every: int = 0  # steps between sample grids in the run folder; 0: only at the end
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+
+    def validate(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.schedule={self.schedule!r}; choose constant or cosine")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision={self.precision!r}; choose auto, bf16 or fp32")
+        if self.engine not in ("ddp", "deepspeed"):
+            raise ConfigError(f"train.engine={self.engine!r}; choose ddp or deepspeed")
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"train.zero_stage={self.zero_stage}; stages 1 and 2 are supported")
+        if self.global_batch <= 0 or self.max_steps <= 0:
+            raise ConfigError("train.global_batch and train.max_steps must be positive")
+
+
+@dataclass
+class GridConfig:
+    classes: Optional[List[int]] = None  # class ids, one grid row each; None: all (at most 16)
+    per_class: int = 8  # images per row
+    seed: int = 0  # noise seed of the grid
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # how grid images are drawn
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/debug"  # run folder: checkpoints, weights, logs, grids
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    data: DataConfig = field(default_factory=DataConfig)  # training data
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and engine
+    grid: GridConfig = field(default_factory=GridConfig)  # sample grids written during training

@@ -1,0 +1,158 @@
+"""Sample from exported generator weights: a labelled grid, or N images for FID.
+
+    # a grid, one row per class
+    python sample.py weights=runs/quickstart/gen/weights/ema.safetensors out=grid.png
+    # 50,000 images as PNG shards + an ADM-layout .npz, over all GPUs of a machine
+    torchrun --nproc_per_node=8 sample.py --config configs/sample/fid50k.yaml \
+        weights=RUN/weights/ema.safetensors out=samples/RUN sampling.cfg_scale=2.0
+
+Image i is generated with noise keyed by (seed, i) and gets label i % classes (balanced) or a
+label hashed from (seed, i) (random), so the images do not depend on the number of processes
+or the batch size. Finished shards are kept: re-running the command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ar import dist
+from ar.checkpoint import load_generator
+from ar.config import ConfigError, parse_cli
+from ar.io import atomic_write_text, sha256_file
+from sampling import noise
+from sampling.generate import SamplingConfig, compiled_decode_step, generate
+from sampling.outputs import decode_codes, pack_npz, save_grid, shard_done, write_shard
+
+
+@dataclass
+class SampleRunConfig:
+    weights: str = "???"  # generator weights (.safetensors) exported by train_gen.py
+    tokenizer: Optional[str] = None  # tokenizer weights; None: the path stored in the generator weights
+    out: str = "???"  # grid mode: the .png to write; images mode: the output folder
+    mode: str = "grid"  # grid: one row per class | images: num_images PNGs in shards + samples.npz
+    num_images: int = 50000  # images mode: how many
+    labels: str = "balanced"  # images mode: balanced (image i gets class i % classes) | random
+    classes: Optional[List[int]] = None  # grid mode: one row per class id; None: all (at most 32)
+    per_class: int = 8  # grid mode: images per row
+    batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
+    shard_size: int = 1000  # images mode: images per shard, the unit of resumption
+    seed: int = 0  # noise seed; image i's noise depends only on (seed, i)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    npz: bool = True  # images mode: pack OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) at the end
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # compile the decode step into a CUDA graph (GPU; first batch is slow)
+
+    def validate(self) -> None:
+        if self.mode not in ("grid", "images"):
+            raise ConfigError(f"mode={self.mode!r}; choose grid or images")
+        if self.labels not in ("balanced", "random"):
+            raise ConfigError(f"labels={self.labels!r}; choose balanced or random")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision={self.precision!r}; choose auto, bf16 or fp32")
+        if min(self.batch_size, self.shard_size, self.num_images, self.per_class) <= 0:
+            raise ConfigError("batch_size, shard_size, num_images and per_class must be positive")
+
+
+def load_models(cfg: SampleRunConfig, device: torch.device, log):
+    model = load_generator(cfg.weights, device)
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        model = model.to(torch.bfloat16)
+    spec = model.spec
+    from tokenizer import load_tokenizer
+
+    path = cfg.tokenizer or spec.tokenizer_path
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer weights {path} not found; pass tokenizer=PATH")
+    if sha256_file(path) != spec.tokenizer_sha256:
+        msg = f"tokenizer {path} is not the one the generator was trained on (sha256 differs)"
+        if cfg.tokenizer is None:
+            raise ValueError(msg + "; pass tokenizer=PATH to use it anyway")
+        log.warning(msg)
+    return model, load_tokenizer(path, device=device)
+
+
+def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if cfg.labels == "balanced":
+        return ids % num_classes
+    return noise.randint(cfg.seed, ids, num_classes)
+
+
+def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, log) -> None:
+    classes = cfg.classes or list(range(min(model.spec.num_classes, 32)))
+    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.per_class)
+    ids = torch.arange(len(labels), device=device)
+    codes = torch.cat([generate(model, l, i, cfg.seed, cfg.sampling)
+                       for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size))])
+    images = decode_codes(tokenizer, codes)
+    save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
+    log.info(f"wrote {cfg.out} ({len(classes)} classes x {cfg.per_class})")
+
+
+def check_out_folder(cfg: SampleRunConfig, out: Path) -> None:
+    """Refuse to mix shards made with other settings into one sample set."""
+    settings = {"weights_sha256": sha256_file(cfg.weights), "num_images": cfg.num_images,
+                "labels": cfg.labels, "seed": cfg.seed, "shard_size": cfg.shard_size,
+                "sampling": asdict(cfg.sampling), "precision": cfg.precision}
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(f"{out} holds samples made with other settings ({', '.join(diff)}); "
+                             f"choose another out folder or delete it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, log) -> None:
+    out, n = Path(cfg.out), cfg.num_images
+    if info.is_main:
+        check_out_folder(cfg, out)
+    dist.barrier()
+    num_shards = -(-n // cfg.shard_size)
+    mine = [k for k in range(num_shards) if k % info.world_size == info.rank and not shard_done(out, k)]
+    step_fn = compiled_decode_step() if cfg.compile else None
+    todo = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in mine)
+    bar = tqdm(total=todo, desc=f"images (rank {info.rank})", disable=not info.is_main)
+    t0 = time.time()
+    for k in mine:
+        ids = torch.arange(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size), device=info.device)
+        labels = image_labels(cfg, ids, model.spec.num_classes)
+        images = []
+        for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
+            images.append(decode_codes(tokenizer, generate(model, l, i, cfg.seed, cfg.sampling, step_fn)))
+            bar.update(len(i))
+        write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy())
+    bar.close()
+    log.info(f"rank {info.rank}: {todo} images in {time.time() - t0:.1f}s")
+    dist.barrier()
+    if info.is_main and cfg.npz:
+        count, shape = pack_npz(out, num_shards, out / "samples.npz")
+        log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
+
+
+def main(cfg: SampleRunConfig) -> None:
+    info = dist.init_distributed(cfg.device)
+    log = dist.get_logger("sample", info.rank)
+    model, tokenizer = load_models(cfg, info.device, log)
+    if cfg.mode == "grid":
+        if info.is_main:
+            sample_grid(cfg, model, tokenizer, info.device, log)
+    else:
+        sample_images(cfg, model, tokenizer, info, log)
+    dist.barrier()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(parse_cli(SampleRunConfig, doc=__doc__))

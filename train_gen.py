@@ -1,0 +1,248 @@
+"""Train an autoregressive generator on cached tokenizer codes.
+
+    # one process (CPU or one GPU)
+    python train_gen.py --config configs/quickstart.yaml [key=value ...]
+    # DDP on 8 GPUs (gloo on CPU-only machines)
+    torchrun --nproc_per_node=8 train_gen.py --config configs/imagenet256/AR-B.yaml
+    # DeepSpeed ZeRO-2 through the same script and launcher
+    torchrun --nproc_per_node=8 train_gen.py --config configs/imagenet256/AR-XL.yaml \
+        train.engine=deepspeed train.zero_stage=2
+
+Re-running the same command resumes from the newest checkpoint in `out_dir`. The run folder
+holds config.yaml (resolved), metrics.jsonl, tensorboard events, grid_*.png, checkpoints/
+and weights/ema.safetensors (EMA weights + architecture, what sample.py reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from ar import dist
+from ar.checkpoint import export_generator, latest_checkpoint, load_resume, save_resume
+from ar.config import ConfigError, parse_cli, to_yaml
+from ar.data import BatchStream, CodeCache
+from ar.ema import EMA
+from ar.io import atomic_write_text
+from ar.model import ARModel, GeneratorSpec
+from ar.optim import deepspeed_config, lr_at, make_adamw
+from ar.schema import RunConfig
+
+
+def make_spec(cfg: RunConfig, cache: CodeCache) -> GeneratorSpec:
+    """The architecture: the model config plus what the code cache dictates."""
+    tok = cache.meta["tokenizer"]
+    return GeneratorSpec(model=cfg.model, vocab_size=cache.codebook_size, grid_h=cache.grid_h,
+                         grid_w=cache.grid_w, num_classes=cache.num_classes,
+                         class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
+                         tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"])
+
+
+def batch_layout(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch per process, accumulation steps) for the configured global batch."""
+    g = cfg.train.global_batch
+    micro = cfg.train.micro_batch or g // world
+    if micro <= 0 or g % (world * micro):
+        raise ConfigError(f"train.global_batch={g} must be a multiple of processes ({world}) x "
+                          f"train.micro_batch ({micro})")
+    return micro, g // (world * micro)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if bf16 and cfg.train.engine != "deepspeed":  # DeepSpeed runs the model in bf16 itself
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Engine:
+    forward: Callable  # what the batch goes through: the model, DDP, DeepSpeed or compiled
+    optimizer: torch.optim.Optimizer
+    ddp: Any = None  # the DDP wrapper, for no_sync during accumulation
+    deepspeed: Any = None  # the DeepSpeed engine, which owns backward/step/clipping
+
+
+def build_engine(cfg: RunConfig, model: ARModel, info: dist.DistInfo, micro: int, accum: int) -> Engine:
+    t = cfg.train
+    optimizer = make_adamw(model, t.lr, (t.beta1, t.beta2), t.weight_decay, info.device)
+    eng = Engine(forward=model, optimizer=optimizer)
+    if t.engine == "deepspeed":
+        import deepspeed  # imported lazily: a heavy import that only this path needs
+
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and info.device.type == "cuda")
+        ds_cfg = deepspeed_config(t.global_batch, micro, accum, t.grad_clip, t.zero_stage, bf16)
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
+        eng.deepspeed, eng.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                   config=ds_cfg)
+        eng.forward = eng.deepspeed
+    elif info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        eng.ddp = eng.forward = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if t.compile:
+        eng.forward = torch.compile(eng.forward)
+    return eng
+
+
+def train_step(cfg: RunConfig, eng: Engine, model: ARModel, stream: BatchStream, samples: int,
+               info: dist.DistInfo, micro: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step over the global batch; returns ([loss, acc] on this rank, grad norm)."""
+    stats = torch.zeros(2, device=info.device)
+    for m in range(accum):
+        offset = samples + (m * info.world_size + info.rank) * micro  # this rank's slice
+        codes, labels = stream.batch(offset, micro)
+        # gradients are all-reduced on the last micro-step only
+        sync = eng.ddp.no_sync() if eng.ddp is not None and m < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast(cfg, info.device):
+                out = eng.forward(codes.to(info.device, non_blocking=True), labels.to(info.device))
+            if eng.deepspeed is not None:
+                eng.deepspeed.backward(out["loss"])  # DeepSpeed divides by the accumulation steps
+                eng.deepspeed.step()
+            else:
+                (out["loss"] / accum).backward()
+        stats += torch.stack([out["loss"].detach().float(), out["acc"].float()]) / accum
+    if eng.deepspeed is not None:
+        return stats, torch.tensor(float(eng.deepspeed.get_global_grad_norm() or 0.0))
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    eng.optimizer.step()
+    eng.optimizer.zero_grad(set_to_none=True)
+    return stats, norm
+
+
+@torch.no_grad()
+def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Path, log) -> None:
+    """A grid (one row per class) from the EMA weights, if the tokenizer file is at hand."""
+    from sampling.generate import generate
+    from sampling.outputs import decode_codes, save_grid
+    from tokenizer import load_tokenizer
+
+    if not Path(spec.tokenizer_path).is_file():
+        log.warning(f"tokenizer {spec.tokenizer_path} not found: no grid written")
+        return
+    device = ema_model.rope.device
+    tokenizer = load_tokenizer(spec.tokenizer_path, device=device)
+    classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
+    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.grid.per_class)
+    codes = generate(ema_model, labels, torch.arange(len(labels), device=device), cfg.grid.seed,
+                     cfg.grid.sampling)
+    images = decode_codes(tokenizer, codes)
+    save_grid(images, cfg.grid.per_class, path, [spec.class_names[c] for c in classes])
+    log.info(f"wrote {path}")
+
+
+def main(cfg: RunConfig) -> dict:
+    info = dist.init_distributed(cfg.train.device)
+    log = dist.get_logger("train", info.rank)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    run = Path(cfg.out_dir)
+    cache = CodeCache(cfg.data.codes)
+    spec = make_spec(cfg, cache)
+    micro, accum = batch_layout(cfg, info.world_size)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = ARModel(spec).to(info.device)
+    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+    eng = build_engine(cfg, model, info, micro, accum)
+    torch.manual_seed(cfg.train.seed * info.world_size + info.rank + 1)  # dropout differs per rank
+    log.info(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {info.world_size} "
+             f"process(es), micro batch {micro} x {accum} accumulation = global {cfg.train.global_batch}")
+
+    step, samples = 0, 0
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        step, samples = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
+        log.info(f"resumed from {ckpt} at step {step}")
+    writer = None
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        _truncate_metrics(run / "metrics.jsonl", step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tb"), purge_step=step)
+
+    stream = BatchStream(cache, cfg.train.seed, cfg.train.cond_dropout)
+    model.train()
+    window, window_steps, t_log, last = torch.zeros(2, device=info.device), 0, time.time(), {}
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not info.is_main)
+    while step < cfg.train.max_steps:
+        lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
+                   cfg.train.schedule, cfg.train.min_lr_ratio)
+        for group in eng.optimizer.param_groups:
+            group["lr"] = lr
+        stats, norm = train_step(cfg, eng, model, stream, samples, info, micro, accum)
+        ema.update(model, step)
+        step, samples = step + 1, samples + cfg.train.global_batch
+        window, window_steps = window + stats, window_steps + 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            loss, acc = (dist.all_reduce_mean(window) / window_steps).tolist()
+            speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
+            last = {"step": step, "loss": loss, "acc": acc, "lr": lr, "grad_norm": float(norm),
+                    "samples_per_s": speed, "tokens_per_s": speed * spec.grid_h * spec.grid_w}
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                _log_metrics(run, writer, last)
+            window, window_steps, t_log = torch.zeros_like(window), 0, time.time()
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+            save_resume(run, step, samples, model, eng.optimizer, ema, info, cfg.train.keep_ckpts,
+                        eng.deepspeed)
+            if info.is_main:
+                export_generator(run / "weights" / f"step_{step:07d}.safetensors", ema.model, to_yaml(cfg))
+                _prune(run / "weights", cfg.train.keep_ckpts)
+        if info.is_main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+            write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
+    bar.close()
+
+    if info.is_main:
+        export_generator(run / "weights" / "ema.safetensors", ema.model, to_yaml(cfg))
+        write_grid(cfg, ema.model, spec, run / "grid_final.png", log)
+        atomic_write_text(run / "summary.json", json.dumps(
+            {"steps": step, "final": last, "parameters": sum(p.numel() for p in model.parameters())},
+            indent=2))
+        log.info(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; "
+                 f"weights in {run / 'weights' / 'ema.safetensors'}")
+    dist.barrier()
+    dist.cleanup()
+    return last
+
+
+def _log_metrics(run: Path, writer, metrics: dict) -> None:
+    step = metrics["step"]
+    for k, v in metrics.items():
+        if k != "step":
+            writer.add_scalar(f"train/{k}", v, step)
+    writer.flush()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop log lines the interrupted run wrote past its last checkpoint."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _prune(folder: Path, keep: int) -> None:
+    old = sorted(folder.glob("step_*.safetensors"))
+    for p in old[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".yaml").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main(parse_cli(RunConfig, doc=__doc__))
