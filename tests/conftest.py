@@ -39,3 +39,36 @@ def tiny_model(seed: int = 0, **kw) -> ARModel:
 @pytest.fixture
 def model() -> ARModel:
     return tiny_model()
+
+
+def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, classes: int = 3,
+                    shard_size: int = 20, tokenizer_path: str = "", tokenizer_sha: str = "") -> Path:
+    """A code cache in the format `python -m tokenizer.encode` writes, with learnable codes:
+    every image of class c is the same grid (plus one random token), flipped = mirrored."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, vocab, (classes, grid, grid))
+    labels = np.arange(n) % classes
+    codes = protos[labels].copy()
+    codes[np.arange(n), rng.integers(0, grid, n), rng.integers(0, grid, n)] = rng.integers(0, vocab, n)
+    both = np.stack([codes, codes[:, :, ::-1]], axis=1).reshape(n, 2, grid * grid).astype(np.uint16)
+    path.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, n, shard_size)):
+        sl = slice(start, min(n, start + shard_size))
+        np.save(path / f"codes_{k:05d}.npy", both[sl])
+        np.save(path / f"labels_{k:05d}.npy", labels[sl].astype(np.int64))
+        shards.append({"codes": f"codes_{k:05d}.npy", "labels": f"labels_{k:05d}.npy",
+                       "count": sl.stop - sl.start})
+    meta = {"format": "argen-code-cache", "version": 1, "kind": "discrete",
+            "tokenizer": {"name": "vq", "path": tokenizer_path, "sha256": tokenizer_sha, "config": {}},
+            "resolution": grid * 4, "grid": [grid, grid], "codebook_size": vocab,
+            "variants": ["original", "hflip"], "count": n, "num_classes": classes,
+            "class_names": [f"c{i}" for i in range(classes)],
+            "label_histogram": np.bincount(labels, minlength=classes).tolist(),
+            "shards": shards, "captions": None, "source": str(path)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
