@@ -1,0 +1,64 @@
+"""Image tokenizers: a registry by name, and their exported weights (safetensors + config).
+
+A tokenizer weights file is written by `save_tokenizer` and holds the tensors plus the resolved
+config YAML; the config's `name` picks the class in `TOKENIZERS`, so a file rebuilds its own
+module with no other input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ar.config import ConfigError, from_yaml, to_yaml
+from ar.io import load_state_strict, read_weights, save_weights
+from tokenizer.base import ImageTokenizer
+from tokenizer.vq import VQConfig, VQModel
+
+# name -> (module class, config dataclass)
+TOKENIZERS = {"vq": VQModel}
+CONFIGS = {"vq": VQConfig}
+
+WEIGHTS_KIND = "tokenizer"
+
+
+def build_tokenizer(cfg) -> ImageTokenizer:
+    if cfg.name not in TOKENIZERS:
+        raise ConfigError(f"unknown tokenizer name {cfg.name!r}; known: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[cfg.name](cfg)
+
+
+def save_tokenizer(model: ImageTokenizer, cfg, path: str | Path) -> Path:
+    """Export weights (persistent state only) with the config that rebuilds the module."""
+    if cfg.name not in TOKENIZERS:
+        raise ConfigError(f"unknown tokenizer name {cfg.name!r}; known: {sorted(TOKENIZERS)}")
+    return save_weights(path, model.state_dict(), kind=WEIGHTS_KIND, config_yaml=to_yaml(cfg))
+
+
+def read_tokenizer_config(path: str | Path):
+    """The config object stored in a tokenizer weights file (reads only the header)."""
+    _, text, _ = read_weights(path, kind=WEIGHTS_KIND)
+    return _parse_config(text, path)
+
+
+def _parse_config(text: str, path) -> object:
+    try:
+        stored = OmegaConf.create(text)
+        name = stored.get("name") if isinstance(stored, DictConfig) else None
+    except Exception:  # not YAML at all
+        name = None
+    if name not in CONFIGS:
+        raise ValueError(f"{path}: its stored config names tokenizer {name!r}, which this version "
+                         f"of argen does not know (known: {sorted(CONFIGS)})")
+    return from_yaml(CONFIGS[name], text, source=f"{path} (stored config)")
+
+
+def load_tokenizer(path: str | Path, device="cpu") -> ImageTokenizer:
+    """Rebuild a frozen tokenizer from its weights file: strict keys, eval mode, no grads."""
+    tensors, text, _ = read_weights(path, kind=WEIGHTS_KIND)
+    cfg = _parse_config(text, path)
+    model = build_tokenizer(cfg)
+    load_state_strict(model, tensors, source=str(path))
+    model.eval().requires_grad_(False)
+    return model.to(device)

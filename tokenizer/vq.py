@@ -1,0 +1,337 @@
+"""VQGAN tokenizer with an l2-normalised codebook, in LlamaGen's VQ-16 layout.
+
+Architecture follows LlamaGen's VQModel (FoundationVision/LlamaGen
+tokenizer/tokenizer_image/vq_model.py); written anew. Parameter names and shapes equal
+LlamaGen's, so its released checkpoints load by a key map that only drops the persistent
+`quantize.codebook_used` buffer (ours keeps usage statistics in a non-persistent buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar.config import ConfigError
+from tokenizer.base import ImageTokenizer
+
+
+@dataclass
+class VQConfig:
+    name: str = "vq"  # tokenizer family; picks the class when the weights are loaded
+    codebook_size: int = 16384  # number of codes
+    codebook_dim: int = 8  # channels of a code vector (LlamaGen: 8)
+    ch: int = 128  # base channels of encoder and decoder (a multiple of 32: GroupNorm(32))
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # channel multiplier per level; len-1 downsamplings
+    num_res_blocks: int = 2  # res blocks per encoder level (the decoder has one more)
+    z_channels: int = 256  # channels of the encoder output before quant_conv
+    dropout: float = 0.0  # dropout inside res blocks
+    commit_beta: float = 0.25  # weight of the commitment loss
+    l2_norm: bool = True  # l2-normalise latents and codebook before the nearest-code search
+
+    def validate(self) -> None:
+        if self.ch % 32:
+            raise ConfigError(f"model.ch={self.ch} must be a multiple of 32 (GroupNorm with 32 groups)")
+        if not self.ch_mult:
+            raise ConfigError("model.ch_mult must list at least one level")
+        if self.codebook_size < 2:
+            raise ConfigError(f"model.codebook_size={self.codebook_size} must be at least 2")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)  # x * sigmoid(x), fused
+
+
+# ---------------------------------------------------------------- blocks
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = _norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # a 1x1 projection only where the residual changes width (LlamaGen's key name)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(self.dropout(_swish(self.norm2(h))))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _norm(c)
+        self.q = nn.Conv2d(c, c, 1)
+        self.k = nn.Conv2d(c, c, 1)
+        self.v = nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1, HW, C): one head whose width is all channels
+        q, k, v = (t(h).reshape(B, 1, C, H * W).transpose(2, 3) for t in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        o = o.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(o)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # asymmetric zero pad (right/bottom) so a stride-2 3x3 conv halves even sizes exactly
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(c: int, dropout: float) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        mults, ch, L = cfg.ch_mult, cfg.ch, len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        c = ch
+        for i, m in enumerate(mults):
+            level = nn.Module()
+            res, attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                res.append(ResnetBlock(c, ch * m, cfg.dropout))
+                c = ch * m
+                if i == L - 1:  # attention only at the lowest resolution, where it is cheap
+                    attn.append(AttnBlock(c))
+            level.res, level.attn = res, attn
+            if i != L - 1:
+                level.downsample = Downsample(c)
+            self.conv_blocks.append(level)
+        self.mid = _mid(c, cfg.dropout)
+        self.norm_out = _norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            for j, block in enumerate(level.res):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        mults, ch, L = cfg.ch_mult, cfg.ch, len(cfg.ch_mult)
+        c = ch * mults[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _mid(c, cfg.dropout)
+        self.conv_blocks = nn.ModuleList()
+        for i, m in enumerate(reversed(mults)):  # block 0 is the lowest resolution
+            level = nn.Module()
+            res, attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                res.append(ResnetBlock(c, ch * m, cfg.dropout))
+                c = ch * m
+                if i == 0:
+                    attn.append(AttnBlock(c))
+            level.res, level.attn = res, attn
+            if i != L - 1:
+                level.upsample = Upsample(c)
+            self.conv_blocks.append(level)
+        self.norm_out = _norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the VQGAN adaptive GAN weight measures gradient norms at."""
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            for j, block in enumerate(level.res):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantiser on the unit sphere, straight-through gradients.
+
+    `last_used[k]` is the tracker step at which code k was last chosen; it is a non-persistent
+    buffer (not in the weights) that the training loop feeds with `track(counts)`, so usage over
+    the last N batches is the fraction of codes with `last_used > step - N`.
+    """
+
+    def __init__(self, n: int, dim: int, beta: float, l2_norm: bool):
+        super().__init__()
+        self.n, self.dim, self.beta, self.l2_norm = n, dim, beta, l2_norm
+        self.embedding = nn.Embedding(n, dim)
+        self.register_buffer("last_used", torch.full((n,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("track_step", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def codebook(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return F.normalize(w, p=2, dim=-1) if self.l2_norm else w
+
+    def nearest(self, z_flat: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """(N, D) -> (N,) index of the nearest code by squared euclidean distance."""
+        e = self.codebook()
+        e2 = e.pow(2).sum(1)[None]  # (1, K)
+        out = []
+        # rows in chunks: the (N, K) distance matrix of a 16384-code batch would take GBs
+        for z in z_flat.split(chunk):
+            d = z.pow(2).sum(1, keepdim=True) + e2 - 2 * z @ e.t()  # ||z||^2 + ||e||^2 - 2 z.e
+            out.append(d.argmin(dim=1))
+        return torch.cat(out)
+
+    def forward(self, z: torch.Tensor):
+        # nearest-code search in float32 even under autocast: bf16 distances mis-assign codes
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor):
+        B, D, h, w = z.shape
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, D)
+        if self.l2_norm:
+            z = F.normalize(z, p=2, dim=-1)
+        idx = self.nearest(z.reshape(-1, D))  # (B*h*w,)
+        zq = self.codebook()[idx].view_as(z)
+        codebook_loss = F.mse_loss(zq, z.detach())  # pulls codes toward the encoder
+        commit_loss = self.beta * F.mse_loss(z, zq.detach())  # keeps the encoder near its code
+        zq = z + (zq - z).detach()  # straight-through: the decoder's gradient reaches z
+        counts = torch.bincount(idx, minlength=self.n)
+        p = counts.float() / idx.numel()
+        stats = {"counts": counts, "usage": (counts > 0).float().mean(),
+                 "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
+                 "latents": z.detach().reshape(-1, D)}  # candidates for dead-code restarts
+        losses = {"codebook": codebook_loss, "commit": commit_loss}
+        return zq.permute(0, 3, 1, 2).contiguous(), idx.view(B, h, w), losses, stats
+
+    @torch.no_grad()
+    def track(self, counts: torch.Tensor) -> None:
+        """Record one batch's code histogram (already summed over ranks under DDP)."""
+        self.track_step += 1
+        self.last_used[counts > 0] = self.track_step
+
+    def window_usage(self, window: int) -> float:
+        """Fraction of codes chosen at least once in the last `window` tracked batches."""
+        seen = (self.last_used >= 0) & (self.last_used > self.track_step - window)
+        return seen.float().mean().item()
+
+    @torch.no_grad()
+    def restart_dead(self, window: int, z_pool: torch.Tensor, generator=None) -> int:
+        """Re-seed codes unused for `window` batches with random recent encoder outputs.
+
+        A dead code never receives gradient from the codebook loss, so without a restart it
+        stays dead; moving it onto a real latent gives it a chance to be chosen again.
+        """
+        if self.track_step < window:
+            return 0
+        dead = (self.last_used <= self.track_step - window).nonzero().flatten()
+        if len(dead) == 0 or len(z_pool) == 0:
+            return 0
+        pick = torch.randint(len(z_pool), (len(dead),), generator=generator, device="cpu")
+        new = z_pool[pick.to(z_pool.device)]
+        self.embedding.weight[dead] = F.normalize(new, dim=-1) if self.l2_norm else new
+        self.last_used[dead] = self.track_step  # a grace period before it can die again
+        return len(dead)
+
+
+# ---------------------------------------------------------------- model
+
+class VQModel(ImageTokenizer):
+    kind = "discrete"
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.downsample = 2 ** (len(cfg.ch_mult) - 1)
+        self.codebook_size = cfg.codebook_size
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.commit_beta, cfg.l2_norm)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # PyTorch's conv default, made explicit
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # zero the residual branches' last conv so every block starts as the identity
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        # random directions on the sphere: codes start spread out, none coincide
+        nn.init.normal_(self.quantize.embedding.weight)
+        with torch.no_grad():
+            w = self.quantize.embedding.weight
+            w.copy_(F.normalize(w, dim=-1))
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pre-quantisation latent (B, codebook_dim, h, w)."""
+        return self.quant_conv(self.encoder(images))
+
+    def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
+        """(B, codebook_dim, h, w) quantised latent -> images (B, 3, H, W)."""
+        return self.decoder(self.post_quant_conv(zq))
+
+    def forward(self, images: torch.Tensor):
+        zq, _, losses, stats = self.quantize(self.encode_latent(images))
+        return self.decode_latent(zq), losses, stats
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        _, idx, _, _ = self.quantize(self.encode_latent(images))
+        return idx  # (B, h, w) int64
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        zq = self.quantize.codebook()[codes.long()]  # (B, h, w, D)
+        return self.decode_latent(zq.permute(0, 3, 1, 2).contiguous())
