@@ -39,6 +39,7 @@ class ModelConfig:
     cond_tokens: int = 1  # number of prefix tokens the class condition occupies
     rope_base: float = 10000.0  # rotary embedding base
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
+    pos_embed: str = "none"  # absolute position embedding added to the inputs: none (LlamaGen) | learned
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen: 0.1)
     resid_dropout: float = 0.1  # dropout on each residual branch (LlamaGen: 0.1)
     ffn_dropout: float = 0.1  # dropout inside the feed-forward (LlamaGen: 0.1)
@@ -53,6 +54,8 @@ class ModelConfig:
             raise ConfigError(f"model.order={self.order!r}; choose one of {sorted(ORDERS)}")
         if self.cond_rope not in ("zero", "identity"):
             raise ConfigError(f"model.cond_rope={self.cond_rope!r}; choose zero or identity")
+        if self.pos_embed not in ("none", "learned"):
+            raise ConfigError(f"model.pos_embed={self.pos_embed!r}; choose none or learned")
         a = transformer_args(self)
         if a.dim % a.n_head or a.n_head % a.n_kv_head or a.head_dim % 4:
             raise ConfigError(f"model: dim {a.dim} must split into {a.n_head} heads of a width "
@@ -92,6 +95,8 @@ class ARModel(nn.Module):
         self.num_tokens = self.order.num_tokens
         self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens)
         self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim)
+        self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
+                          if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
         self.transformer = Transformer(a)
         self.head = HEADS[m.head](a.dim, spec.vocab_size)
@@ -120,6 +125,11 @@ class ARModel(nn.Module):
                     nn.init.zeros_(mod.bias)
         # ... and a zero output layer, so training starts from uniform predictions
         nn.init.zeros_(self.head.output.weight)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
+
+    def _with_pos(self, x: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
+        return x if self.pos_embed is None else x + self.pos_embed[pos].to(x.dtype)
 
     # ------------------------------------------------------------------ training
 
@@ -134,7 +144,7 @@ class ARModel(nn.Module):
         """Teacher-forced hidden states: inputs (B, n) are sequence tokens 0..n-1; returns
         (B, n + 1, D), where row i predicts sequence token i."""
         x = torch.cat([self.cond(labels), self.tok_embeddings(inputs)], dim=1)  # (B, P + n, D)
-        x = self.token_dropout(x)
+        x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
         h = self.transformer(x, self.rope[: x.shape[1]])  # (B, P + n, D)
         return h[:, self.prefix - 1:]
 
@@ -159,12 +169,12 @@ class ARModel(nn.Module):
         """Write the condition prefix into the cache; return the hidden state (B, D) that
         predicts the first token."""
         pos = torch.arange(self.prefix, device=labels.device)
-        return self._cached(self.cond(labels), pos)[:, -1]
+        return self._cached(self._with_pos(self.cond(labels), pos), pos)[:, -1]
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed tokens (B,) at sequence position pos (a 1-element tensor, kept on the device
         so the loop never syncs); return the hidden state (B, D) predicting the next one."""
-        x = self.tok_embeddings(tokens)[:, None]  # (B, 1, D)
+        x = self._with_pos(self.tok_embeddings(tokens)[:, None], pos)  # (B, 1, D)
         return self._cached(x, pos)[:, 0]
 
 

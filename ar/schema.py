@@ -36,7 +36,7 @@ class TrainConfig:
     cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
     ema_decay: float = 0.9999  # EMA of the weights (the exported ones)
     ema_warmup: bool = True  # ramp the EMA decay up as (1+s)/(10+s) early in training
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) | bf16 | fp32
     compile: bool = False  # torch.compile the training forward/backward
     engine: str = "ddp"  # ddp (torchrun; a single process needs no launcher) | deepspeed
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1: optimiser states, 2: + gradients)

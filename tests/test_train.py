@@ -17,7 +17,7 @@ from conftest import ROOT, make_code_cache, tiny_model, tiny_spec
 
 BASE = ["model.size=debug", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",
         "train.global_batch=8", "train.lr=3e-3", "train.log_every=1", "train.ema_decay=0.9",
-        "train.device=cpu", "train.threads=1"]
+        "train.device=cpu", "train.threads=1", "train.precision=fp32"]  # fp32: exact comparisons
 
 
 def train_cmd(out, codes, *overrides, nproc=1):

@@ -1,5 +1,6 @@
 """The backbone and model: causality, KV-cached decoding equals a full forward, RoPE layout."""
 
+import pytest
 import torch
 
 from ar.model import AR_SIZES, ARModel, ModelConfig, transformer_args
@@ -24,19 +25,22 @@ def test_causal_changing_a_later_token_leaves_earlier_logits(model):
     assert not torch.allclose(base[:, 10:], after[:, 10:])
 
 
-def test_kv_cached_decoding_equals_full_forward():
-    for kv_heads in (None, 2):  # multi-head and grouped-query attention
-        model = tiny_model(n_kv_head=kv_heads)
-        seq = torch.randint(0, 32, (3, 16))
-        labels = torch.tensor([0, 2, 3])  # 3 is the null class
-        full = logits_full(model, seq, labels)
-        with torch.no_grad():
-            model.setup_cache(3)
-            steps = [model.head.logits(model.prefill(labels))]
-            for i in range(15):
-                h = model.decode_step(seq[:, i], torch.tensor([model.prefix + i]))
-                steps.append(model.head.logits(h))
-        assert torch.allclose(full, torch.stack(steps, 1), atol=1e-5)
+@pytest.mark.parametrize("variant", [
+    {}, {"n_kv_head": 2},  # multi-head and grouped-query attention
+    {"cond_tokens": 3, "cond_rope": "identity", "pos_embed": "learned"},
+])
+def test_kv_cached_decoding_equals_full_forward(variant):
+    model = tiny_model(**variant)
+    seq = torch.randint(0, 32, (3, 16))
+    labels = torch.tensor([0, 2, 3])  # 3 is the null class
+    full = logits_full(model, seq, labels)
+    with torch.no_grad():
+        model.setup_cache(3)
+        steps = [model.head.logits(model.prefill(labels))]
+        for i in range(15):
+            h = model.decode_step(seq[:, i], torch.tensor([model.prefix + i]))
+            steps.append(model.head.logits(h))
+    assert torch.allclose(full, torch.stack(steps, 1), atol=1e-5)
 
 
 def test_condition_changes_prediction_and_null_class_exists(model):
