@@ -1,0 +1,450 @@
+"""Convert LlamaGen class-conditional checkpoints (FoundationVision/LlamaGen) into argen weights.
+
+    # 1. the VQ-16 tokenizer (its sha256 goes into the generator's weights, sample.py checks it)
+    python -m convert.llamagen vq pretrained_models/vq_ds16_c2i.pt \
+        out=weights/llamagen/vq_ds16_c2i.safetensors
+    # 2. a GPT, trained at 256 (c2i_B_256.pt, c2i_L_256.pt) or 384 (c2i_*_384.pt) pixels
+    python -m convert.llamagen gpt pretrained_models/c2i_XL_384.pt image_size=384 \
+        tokenizer=weights/llamagen/vq_ds16_c2i.safetensors out=weights/llamagen/c2i_XL_384.safetensors
+    # 3. use it like any argen generator
+    python sample.py weights=weights/llamagen/c2i_XL_384.safetensors out=grid.png sampling.cfg_scale=4.0
+
+The first word picks the converter (gpt | vq); the checkpoint path may come next or as ckpt=...;
+everything else is key=value (`python -m convert.llamagen gpt --help` lists the keys).
+
+Checkpoint layouts (layout=auto tells them apart by their top-level keys):
+    ddp        {"model": state_dict[, "ema": state_dict, "optimizer", "steps", "args"]}
+               (train_c2i.py; B, L, XL and the VQ). use_ema=true takes "ema".
+    fsdp       the raw state dict (train_c2i_fsdp.py's consolidated.pth; the released XXL and
+               3B files). A folder holding consolidated.pth may be passed instead of the file.
+    deepspeed  {"module": state_dict, ...}
+Files are read with torch.load(weights_only=True): tensors, containers and plain values only.
+The one class let through is argparse.Namespace, the training arguments LlamaGen pickles next to
+the weights (it holds plain values); any other pickled object is refused.
+
+Keys are renamed by the explicit tables GPT_KEYS (below) and VQ_DERIVED; the VQ's names already
+equal argen's. Keys that hold derived tables rather than weights (`freqs_cis`, KV caches,
+`quantize.codebook_used`) are dropped; a stored `freqs_cis` is first checked against the
+rotary table of the requested image_size. Unknown, missing or mis-shaped keys are an error that
+lists them by their LlamaGen names.
+
+The architecture is read from the tensor shapes: width and vocabulary from tok_embeddings,
+classes from the class table (its last row is the null class, id num_classes, as in argen),
+depth from the layer indices, heads from LlamaGen's size table by (width, depth) (or n_head=),
+key/value heads from wqkv. The code grid is image_size / downsample. A shape that equals an
+entry of ar.model.AR_SIZES is stored under that name (GPT-B/L/XL/XXL -> AR-B/L/XL/XXL); others
+(GPT-3B, GPT-1B, GPT-XXXL, GPT-7B) are stored as explicit dim/n_layer/n_head overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ar.checkpoint import GENERATOR_KIND
+from ar.config import ConfigError, parse_cli, to_yaml
+from ar.dist import get_logger
+from ar.io import save_weights, sha256_file
+from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
+from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
+from tokenizer.vq import VQConfig, VQModel
+
+##################################################################################
+#                                  Key tables                                    #
+##################################################################################
+
+# LlamaGen GPT (autoregressive/models/gpt.py) name -> argen ARModel name; {i} is a layer index
+GPT_KEYS = {
+    "cls_embedding.embedding_table.weight": "cond.embedding_table.weight",
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{i}.attention_norm.weight": "transformer.layers.{i}.attention_norm.weight",
+    "layers.{i}.attention.wqkv.weight": "transformer.layers.{i}.attention.wqkv.weight",
+    "layers.{i}.attention.wo.weight": "transformer.layers.{i}.attention.wo.weight",
+    "layers.{i}.ffn_norm.weight": "transformer.layers.{i}.ffn_norm.weight",
+    "layers.{i}.feed_forward.w1.weight": "transformer.layers.{i}.feed_forward.w1.weight",
+    "layers.{i}.feed_forward.w3.weight": "transformer.layers.{i}.feed_forward.w3.weight",
+    "layers.{i}.feed_forward.w2.weight": "transformer.layers.{i}.feed_forward.w2.weight",
+    "norm.weight": "transformer.norm.weight",
+    "output.weight": "head.output.weight",
+}
+# tables LlamaGen recomputes from the architecture; present only in some saves, never weights
+GPT_DERIVED = ("freqs_cis", "causal_mask", "layers.{i}.attention.kv_cache.k_cache",
+               "layers.{i}.attention.kv_cache.v_cache")
+# LlamaGen's persistent code-usage counter; argen keeps usage in a non-persistent buffer
+VQ_DERIVED = ("quantize.codebook_used",)
+
+# LlamaGen's GPT_models: (width, depth) -> (name, heads); the heads are not visible in the shapes
+LLAMAGEN_SIZES = {
+    (768, 12): ("GPT-B", 12), (1024, 24): ("GPT-L", 16), (1280, 36): ("GPT-XL", 20),
+    (1536, 48): ("GPT-XXL", 24), (2560, 48): ("GPT-XXXL", 40), (2048, 22): ("GPT-1B", 32),
+    (3200, 24): ("GPT-3B", 32), (4096, 32): ("GPT-7B", 32),
+}
+LAYOUTS = ("auto", "ddp", "fsdp", "deepspeed")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(template.replace(".", r"\.").replace("{i}", r"(?P<i>\d+)") + "$")
+
+
+def rename(key: str, table: dict[str, str]) -> str | None:
+    """The table's name for `key`, or None when no entry matches."""
+    for src, dst in table.items():
+        m = _pattern(src).match(key)
+        if m:
+            return dst.replace("{i}", m.group("i")) if "{i}" in src else dst
+    return None
+
+
+def argen_to_llamagen(keys) -> dict[str, str]:
+    """argen name -> LlamaGen name (the inverse of GPT_KEYS), for error messages and tests."""
+    inverse = {dst: src for src, dst in GPT_KEYS.items()}
+    return {k: rename(k, inverse) or k for k in keys}
+
+
+##################################################################################
+#                                Reading files                                   #
+##################################################################################
+
+def load_foreign(path: str | Path):
+    """(object, file) from torch.load(weights_only=True); a folder means its consolidated.pth."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "consolidated.pth").is_file():
+            raise FileNotFoundError(f"{path} is a folder without consolidated.pth; pass the "
+                                    f"checkpoint file itself")
+        path = path / "consolidated.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; download it first (see the "
+                                f"README section 'Reproducing published numbers')")
+    try:
+        # Namespace: LlamaGen's pickled training args, a bag of plain values
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            # mmap: a 3B checkpoint (12 GB) is paged in as read, not copied into memory
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path)), path
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled {found.group(1)} object" if found else "pickled objects other than tensors"
+        raise ValueError(f"{path}: refused to load: it holds {what}, and foreign checkpoints are "
+                         f"read with torch.load(weights_only=True), which never runs code from the "
+                         f"file. If you trust the file, re-save just its state dict as "
+                         f"{{'model': state_dict}} in a separate step and convert that") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
+def select_state(obj, path: Path, layout: str = "auto", use_ema: bool = False):
+    """The state dict inside a loaded checkpoint: (state, layout, entry name or None)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r}; choose one of {LAYOUTS}")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    if layout == "auto":
+        if "model" in obj:
+            layout = "ddp"
+        elif "module" in obj:
+            layout = "deepspeed"
+        elif obj and all(torch.is_tensor(v) for v in obj.values()):
+            layout = "fsdp"
+        else:
+            raise ValueError(f"{path}: cannot tell the checkpoint layout from its top-level keys "
+                             f"{sorted(obj)[:10]}; expected 'model' (DDP), 'module' (DeepSpeed) or "
+                             f"a raw state dict of tensors (FSDP consolidated.pth)")
+    if use_ema and layout != "ddp":
+        raise ValueError(f"{path}: use_ema=true needs a DDP checkpoint with an 'ema' entry "
+                         f"(layout is {layout})")
+    entry = {"ddp": "ema" if use_ema else "model", "deepspeed": "module", "fsdp": None}[layout]
+    state = obj if entry is None else obj.get(entry)
+    if state is None:
+        raise ValueError(f"{path}: no '{entry}' entry for layout={layout}; its top-level keys are "
+                         f"{sorted(obj)[:10]}")
+    bad = sorted(k for k, v in state.items() if not torch.is_tensor(v))
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} entries of the {entry or 'raw'} state dict are not "
+                         f"tensors: {bad[:8]}; is layout={layout} right?")
+    return dict(state), layout, entry
+
+
+def split_keys(state: dict, table: dict[str, str] | None, derived, source: str):
+    """Rename by `table` (None: names kept) and drop `derived`; unknown keys are an error."""
+    mapped, dropped, unknown = {}, {}, []
+    derived_table = {d: d for d in derived}
+    for key, value in state.items():
+        if rename(key, derived_table) is not None:
+            dropped[key] = value
+            continue
+        new = key if table is None else rename(key, table)
+        if new is None:
+            unknown.append(key)
+        else:
+            mapped[new] = value
+    if unknown:
+        hint = ""
+        if any(k.startswith(("module.", "_orig_mod.")) for k in unknown):
+            hint = (" The names carry a DDP/torch.compile wrapper prefix ('module.' or "
+                    "'_orig_mod.'): save the unwrapped model's state dict.")
+        raise ValueError(f"{source}: {len(unknown)} keys the LlamaGen key map does not know: "
+                         f"{sorted(unknown)[:12]}{' ...' if len(unknown) > 12 else ''}.{hint}")
+    return mapped, dropped
+
+
+def check_keys(own: dict, given: dict, source: str, names=lambda k: k) -> None:
+    """Missing keys and shape mismatches between a model's state dict and the mapped tensors,
+    listed under `names` (the checkpoint's own names)."""
+    missing = sorted(names(k) for k in set(own) - set(given))
+    shapes = [f"{names(k)}: file {tuple(given[k].shape)} vs expected {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(given)) if tuple(own[k].shape) != tuple(given[k].shape)]
+    extra = sorted(names(k) for k in set(given) - set(own))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {missing[:12]}{' ...' if len(missing) > 12 else ''}")
+    if extra:
+        parts.append(f"{len(extra)} keys beyond the inferred architecture: {extra[:12]}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:8]))
+    if parts:
+        raise ValueError(f"{source} does not fit the architecture read from its shapes: "
+                         + " | ".join(parts))
+
+
+##################################################################################
+#                          Architecture from shapes                              #
+##################################################################################
+
+def _heads(dim: int, n_layer: int) -> int:
+    if (dim, n_layer) in LLAMAGEN_SIZES:
+        return LLAMAGEN_SIZES[(dim, n_layer)][1]
+    for s in AR_SIZES.values():
+        if (s["dim"], s["n_layer"]) == (dim, n_layer):
+            return s["n_head"]
+    raise ValueError(f"width {dim} with {n_layer} layers is not a LlamaGen size "
+                     f"({sorted(v[0] for v in LLAMAGEN_SIZES.values())}); pass n_head=")
+
+
+def infer_gpt_spec(shapes: dict, image_size: int, downsample: int, n_head: int = 0,
+                   num_classes: int = 0, class_names: list[str] | None = None) -> GeneratorSpec:
+    """The GeneratorSpec of a LlamaGen c2i GPT from its {LlamaGen key: shape} table."""
+    if any(k.startswith("cls_embedding.cap_proj") for k in shapes):
+        raise ValueError("this is a text-to-image (t2i) LlamaGen checkpoint; only class-"
+                         "conditional (c2i) checkpoints convert to argen")
+    need = ["tok_embeddings.weight", "cls_embedding.embedding_table.weight",
+            "layers.0.attention.wqkv.weight"]
+    if any(k not in shapes for k in need):
+        raise ValueError(f"not a LlamaGen c2i GPT state dict: missing {[k for k in need if k not in shapes]}")
+    if image_size <= 0 or downsample <= 0 or image_size % downsample:
+        raise ConfigError(f"image_size={image_size} must be a positive multiple of downsample="
+                          f"{downsample}: use the resolution the checkpoint was trained at "
+                          f"(LlamaGen: 256 for c2i_*_256.pt, 384 for c2i_*_384.pt)")
+    vocab, dim = shapes["tok_embeddings.weight"]
+    rows, width = shapes["cls_embedding.embedding_table.weight"]
+    if width != dim:
+        raise ValueError(f"class table width {width} differs from the model width {dim}; only "
+                         f"one class token per image (cls_token_num=1) is supported")
+    classes = num_classes or rows - 1
+    if rows != classes + 1:
+        raise ValueError(f"the class table has {rows} rows for {classes} classes; argen needs one "
+                         f"extra row for the null class (a checkpoint trained with class dropout)")
+    n_layer = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k)))
+    n_head = n_head or _heads(dim, n_layer)
+    if dim % n_head:
+        raise ConfigError(f"n_head={n_head} does not divide the width {dim}")
+    head_dim = dim // n_head
+    n_kv_head = (shapes["layers.0.attention.wqkv.weight"][0] // head_dim - n_head) // 2
+    size = next((name for name, s in AR_SIZES.items()
+                 if s == dict(dim=dim, n_layer=n_layer, n_head=n_head)), None)
+    grid = image_size // downsample
+    model = ModelConfig(size=size or "debug", dim=None if size else dim,
+                        n_layer=None if size else n_layer, n_head=None if size else n_head,
+                        n_kv_head=None if n_kv_head == n_head else n_kv_head, head="token",
+                        order="raster", cond_tokens=1, rope_base=10000.0, cond_rope="zero",
+                        pos_embed="none")
+    model.validate()
+    names = class_names or [f"class {i}" for i in range(classes)]
+    if len(names) != classes:
+        raise ConfigError(f"{len(names)} class names for {classes} classes")
+    return GeneratorSpec(model=model, vocab_size=vocab, grid_h=grid, grid_w=grid,
+                         num_classes=classes, class_names=names, resolution=image_size)
+
+
+def infer_vq_config(shapes: dict, l2_norm: bool = True) -> VQConfig:
+    """The VQConfig of a LlamaGen VQ model from its {key: shape} table."""
+    need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight"]
+    if any(k not in shapes for k in need):
+        raise ValueError(f"not a LlamaGen VQ state dict: missing {[k for k in need if k not in shapes]}")
+    ch = shapes["encoder.conv_in.weight"][0]
+    levels = 1 + max(int(m.group(1)) for k in shapes
+                     if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k)))
+    mult = [shapes[f"encoder.conv_blocks.{i}.res.0.conv1.weight"][0] // ch for i in range(levels)]
+    res = 1 + max(int(m.group(1)) for k in shapes
+                  if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k)))
+    n, dim = shapes["quantize.embedding.weight"]
+    cfg = VQConfig(codebook_size=n, codebook_dim=dim, ch=ch, ch_mult=mult, num_res_blocks=res,
+                   z_channels=shapes["encoder.conv_out.weight"][0], l2_norm=l2_norm)
+    cfg.validate()
+    return cfg
+
+
+##################################################################################
+#                                 Converters                                     #
+##################################################################################
+
+@dataclass
+class GPTConvertConfig:
+    ckpt: str = "???"  # LlamaGen GPT checkpoint: a .pt/.pth file, or a folder holding consolidated.pth
+    out: str = "???"  # argen generator weights (.safetensors) to write
+    image_size: int = 0  # pixels per side the checkpoint was trained at (256 or 384); required
+    downsample: int = 0  # pixels per code; 0: the tokenizer's, or 16 (VQ-16) without tokenizer
+    tokenizer: str = ""  # converted tokenizer weights (from `vq`); its path and sha256 go into the spec
+    layout: str = "auto"  # auto | ddp ("model") | fsdp (raw state dict) | deepspeed ("module")
+    use_ema: bool = False  # ddp: convert the "ema" weights (LlamaGen's own sampler uses "model")
+    n_head: int = 0  # attention heads; 0: LlamaGen's size table by (width, depth)
+    num_classes: int = 0  # 0: rows of the class table minus the null row
+    class_names: str = ""  # text file with one class name per line; empty: "class 0", "class 1", ...
+
+
+@dataclass
+class VQConvertConfig:
+    ckpt: str = "???"  # LlamaGen VQ checkpoint (vq_ds16_c2i.pt)
+    out: str = "???"  # argen tokenizer weights (.safetensors) to write
+    layout: str = "auto"  # auto | ddp ("model") | fsdp (raw state dict) | deepspeed ("module")
+    use_ema: bool = False  # ddp: convert the "ema" weights
+    l2_norm: bool = True  # l2-normalised codebook (LlamaGen VQ-16: true; not visible in the shapes)
+
+
+def _source(path: Path, layout: str, entry, dropped) -> dict:
+    return {"project": "FoundationVision/LlamaGen", "file": path.name, "sha256": sha256_file(path),
+            "layout": layout, "entry": entry, "dropped": sorted(dropped), "converter": __name__}
+
+
+def _up_to_date(out: Path, config_yaml: str, source: dict) -> bool:
+    """Whether `out` was converted from the same file with the same resulting config."""
+    if not out.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # unreadable: convert again
+        return False
+    return meta.get("config") == config_yaml and meta.get("source") == json.dumps(source)
+
+
+def _tokenizer_facts(path: str) -> tuple[int, int]:
+    """(codebook size, downsample) of converted tokenizer weights, without reading the tensors."""
+    cfg = read_tokenizer_config(path)
+    with torch.device("meta"):
+        tok = build_tokenizer(cfg)
+    return tok.codebook_size, tok.downsample
+
+
+def _class_names(path: str) -> list[str] | None:
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"class_names file {path} not found")
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
+    """Write argen generator weights for a LlamaGen c2i GPT; `reuse` keeps an up-to-date `out`."""
+    log = get_logger("convert")
+    obj, path = load_foreign(cfg.ckpt)
+    state, layout, entry = select_state(obj, path, cfg.layout, cfg.use_ema)
+    mapped, dropped = split_keys(state, GPT_KEYS, GPT_DERIVED, str(path))
+    downsample = cfg.downsample
+    if cfg.tokenizer:
+        codebook, tok_down = _tokenizer_facts(cfg.tokenizer)
+        if downsample and downsample != tok_down:
+            raise ConfigError(f"downsample={downsample} but tokenizer {cfg.tokenizer} downsamples "
+                              f"by {tok_down}")
+        downsample = tok_down
+    spec = infer_gpt_spec({k: tuple(v.shape) for k, v in state.items()}, cfg.image_size,
+                          downsample or 16, cfg.n_head, cfg.num_classes, _class_names(cfg.class_names))
+    if cfg.tokenizer:
+        if codebook != spec.vocab_size:
+            raise ValueError(f"{path} predicts {spec.vocab_size} codes but tokenizer {cfg.tokenizer} "
+                             f"has {codebook}; convert the tokenizer the GPT was trained with")
+        spec.tokenizer_path = str(Path(cfg.tokenizer).resolve())
+        spec.tokenizer_sha256 = sha256_file(cfg.tokenizer)
+    else:
+        log.warning("no tokenizer= given: sample.py will need tokenizer=PATH for these weights")
+    source = _source(path, layout, entry, dropped)
+    if reuse and _up_to_date(Path(cfg.out), to_yaml(spec), source):
+        log.info(f"{cfg.out} is up to date with {path}")
+        return Path(cfg.out)
+    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
+        model = ARModel(spec)
+    names = argen_to_llamagen(set(model.state_dict()) | set(mapped))
+    check_keys(model.state_dict(), mapped, str(path), names.get)
+    model.load_state_dict(mapped, strict=True, assign=True)
+    model.reset_buffers("cpu")
+    if "freqs_cis" in dropped:  # a stored rotary table tells the grid it was trained at
+        theirs = dropped["freqs_cis"].float()
+        if theirs.shape != model.rope.shape or not torch.allclose(theirs, model.rope, atol=1e-4):
+            raise ValueError(f"{path}: its freqs_cis {tuple(theirs.shape)} does not match the rotary "
+                             f"table for image_size={cfg.image_size} / downsample={downsample or 16} "
+                             f"{tuple(model.rope.shape)}; pass the resolution it was trained at")
+    out = save_weights(cfg.out, model.state_dict(), GENERATOR_KIND, to_yaml(spec),
+                       extra={"source": json.dumps(source)})
+    a = model.transformer.args
+    known = LLAMAGEN_SIZES.get((a.dim, a.n_layer), ("custom size",))[0]
+    log.info(f"{path.name} ({layout}{'/' + entry if entry else ''}) -> {out}: {known} as "
+             f"size={spec.model.size}{'' if spec.model.dim is None else ' + dim/n_layer/n_head'}, "
+             f"width {a.dim}, {a.n_layer} layers, {a.n_head} heads, {spec.num_classes} classes, "
+             f"{spec.grid_h}x{spec.grid_w} codes of {spec.vocab_size}"
+             + (f"; dropped {sorted(dropped)}" if dropped else ""))
+    return out
+
+
+def convert_vq(cfg: VQConvertConfig, reuse: bool = False) -> Path:
+    """Write argen tokenizer weights for a LlamaGen VQ model; `reuse` keeps an up-to-date `out`."""
+    log = get_logger("convert")
+    obj, path = load_foreign(cfg.ckpt)
+    state, layout, entry = select_state(obj, path, cfg.layout, cfg.use_ema)
+    mapped, dropped = split_keys(state, None, VQ_DERIVED, str(path))
+    vq_cfg = infer_vq_config({k: tuple(v.shape) for k, v in state.items()}, cfg.l2_norm)
+    source = _source(path, layout, entry, dropped)
+    if reuse and _up_to_date(Path(cfg.out), to_yaml(vq_cfg), source):
+        log.info(f"{cfg.out} is up to date with {path}")
+        return Path(cfg.out)
+    with torch.device("meta"):
+        model = VQModel(vq_cfg)
+    check_keys(model.state_dict(), mapped, str(path))
+    model.load_state_dict(mapped, strict=True, assign=True)
+    out = save_weights(cfg.out, model.state_dict(), WEIGHTS_KIND, to_yaml(vq_cfg),
+                       extra={"source": json.dumps(source)})
+    log.info(f"{path.name} ({layout}) -> {out}: codebook {vq_cfg.codebook_size} x "
+             f"{vq_cfg.codebook_dim}, downsample {model.downsample}, ch {vq_cfg.ch} x {vq_cfg.ch_mult}")
+    return out
+
+
+COMMANDS = {"gpt": (GPTConvertConfig, convert_gpt), "vq": (VQConvertConfig, convert_vq)}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in COMMANDS:
+        sys.exit(__doc__.strip() + f"\n\nerror: the first argument must be one of {sorted(COMMANDS)}")
+    schema, convert = COMMANDS[args[0]]
+    rest = args[1:]
+    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"ckpt={rest[0]}"] + rest[1:]  # the checkpoint as a bare path
+    cfg = parse_cli(schema, rest, doc=__doc__)
+    try:
+        return convert(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to do
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Reproduce a published gFID in one command: convert a LlamaGen checkpoint, sample 50,000 images
+on every GPU of the machine, resize as the paper did, score against the ADM reference batch, and
+append a row with its provenance to a results table.
+
+    python reproduce.py --config configs/reproduce/llamagen-XL.yaml \
+        gpt_ckpt=pretrained_models/c2i_XL_384.pt vq_ckpt=pretrained_models/vq_ds16_c2i.pt \
+        ref=VIRTUAL_imagenet256_labeled.npz
+    # -> runs/reproduce/LlamaGen-XL/{weights/, samples/, samples_256.npz, metrics.json}
+    #    and one more row in results/reproduce.md
+    # class-balanced labels (50 per class) instead of LlamaGen's random ones:
+    python reproduce.py --config configs/reproduce/llamagen-B.yaml ... labels=balanced \
+        out=runs/reproduce/LlamaGen-B-balanced
+
+Stages; re-running the same command resumes where it stopped:
+  1. convert  convert.llamagen vq + gpt -> OUT/weights/{vq,gpt}.safetensors (kept while the
+              source checkpoints are unchanged)
+  2. sample   sample.py mode=images -> OUT/samples/shard_*/ PNGs. One process per visible GPU
+              (torchrun) when there are several, or nproc=N; finished shards are never redone
+              and image i depends only on (seed, i), not on the number of processes.
+  3. pack     shards in index order -> OUT/samples_{eval_size}.npz (arr_0 uint8 NHWC, arr_1
+              labels), bicubic-resized to eval_size when the generation resolution differs
+              (LlamaGen: 384 -> 256), streamed, so 50k images never sit in memory at once
+  4. score    evaluation.score against ref -> OUT/metrics.json, then the row in `table`.
+Re-running a finished run scores it again and adds another row. Several machines: run sample.py
+under a multi-node torchrun with the settings in OUT/samples/settings.json on a shared folder,
+then re-run this command: it finds every shard done, packs and scores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ar.config import ConfigError, load_config, parse_cli
+from ar.dist import get_logger
+from ar.io import atomic_path, atomic_write_text, sha256_file
+from convert.llamagen import GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
+from dataset.images import to_uint8
+from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
+from sampling.generate import SamplingConfig
+from sampling.outputs import shard_dir, shard_done
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class ReproduceConfig:
+    name: str = "???"  # the run's label in the table, e.g. LlamaGen-XL
+    gpt_ckpt: str = "???"  # LlamaGen GPT checkpoint (c2i_*.pt; a folder with consolidated.pth works too)
+    vq_ckpt: str = "???"  # LlamaGen VQ checkpoint (vq_ds16_c2i.pt)
+    ref: str = "???"  # reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)
+    out: str = ""  # working folder; empty: runs/reproduce/NAME
+    table: str = "results/reproduce.md"  # markdown table a row is appended to
+    image_size: int = 256  # generation resolution: the checkpoint's (256 or 384)
+    eval_size: int = 256  # side the images are scored at; bicubic resize when it differs
+    layout: str = "auto"  # GPT checkpoint layout: auto | ddp | fsdp | deepspeed
+    use_ema: bool = False  # convert the checkpoint's "ema" weights (LlamaGen evaluates "model")
+    num_images: int = 50000  # images to generate and score
+    labels: str = "random"  # random (LlamaGen: uniform random classes) | balanced (N/classes each)
+    seed: int = 0  # image i's noise and random label depend only on (seed, i)
+    batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
+    shard_size: int = 500  # images per shard, the unit of resumption
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    precision: str = "auto"  # sampling precision: auto (bf16 on GPU, as LlamaGen) | bf16 | fp32
+    compile: bool = False  # compile the decode step into a CUDA graph (GPU; faster for 50k images)
+    device: str = "auto"  # auto | cpu | cuda, for sampling and scoring
+    nproc: int = 0  # sampling processes; 0: one per visible GPU (1 without a GPU)
+    metrics: List[str] = field(default_factory=lambda: list(METRICS))  # any of fid sfid is pr kid
+    inception_weights: str = ""  # evaluator weights; empty: $ARGEN_INCEPTION_WEIGHTS, then the cache
+    published_fid: float = 0.0  # the paper's number, shown beside ours in the table (0: none)
+
+    def validate(self) -> None:
+        if self.labels not in ("random", "balanced"):
+            raise ConfigError(f"labels={self.labels!r}; choose random or balanced")
+        if min(self.image_size, self.eval_size, self.num_images, self.batch_size, self.shard_size) <= 0:
+            raise ConfigError("image_size, eval_size, num_images, batch_size and shard_size must be positive")
+        bad = sorted(set(self.metrics) - set(METRICS))
+        if bad:
+            raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_overrides(cfg: ReproduceConfig, weights: Path, folder: Path) -> list[str]:
+    """sample.py's key=value arguments; the tokenizer comes from the weights (sha256-checked)."""
+    return [f"weights={weights}", f"out={folder}", "mode=images", f"num_images={cfg.num_images}",
+            f"labels={cfg.labels}", f"seed={cfg.seed}", f"batch_size={cfg.batch_size}",
+            f"shard_size={cfg.shard_size}", "npz=false", f"device={cfg.device}",
+            f"precision={cfg.precision}", f"compile={str(cfg.compile).lower()}"] + \
+        [f"sampling.{k}={v}" for k, v in asdict(cfg.sampling).items()]
+
+
+def sample_command(nproc: int, overrides: list[str]) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:  # torchrun, spelled as a module so it is this interpreter's
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + [str(ROOT / "sample.py")] + overrides
+
+
+def process_count(cfg: ReproduceConfig) -> int:
+    if cfg.nproc > 0:
+        return cfg.nproc
+    return max(1, torch.cuda.device_count()) if cfg.device != "cpu" else 1
+
+
+def run_sampling(cfg: ReproduceConfig, weights: Path, folder: Path, nproc: int, log) -> None:
+    import sample as sampler  # the entry script beside this one
+
+    overrides = sample_overrides(cfg, weights, folder)
+    sample_cfg = load_config(sampler.SampleRunConfig, overrides=overrides)
+    sampler.check_out_folder(sample_cfg, folder)  # refuses shards made with other settings
+    todo = [k for k in range(-(-cfg.num_images // cfg.shard_size)) if not shard_done(folder, k)]
+    if not todo:
+        log.info(f"{folder}: all {cfg.num_images} images already sampled")
+        return
+    log.info(f"sampling {len(todo)} shards of {cfg.shard_size} into {folder} with {nproc} process(es)")
+    if nproc == 1:
+        sampler.main(sample_cfg)
+        return
+    proc = subprocess.run(sample_command(nproc, overrides), cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sampling stopped (exit code {proc.returncode}); finished shards in "
+                           f"{folder} are kept: re-run the same command to resume")
+
+
+# ----------------------------------------------------------------------------- packing
+
+def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> (B, size, size, 3) as LlamaGen's sampler resizes 384 -> 256:
+    F.interpolate bicubic (align_corners=False, no antialias) on [-1, 1] values, then clamp and
+    round. LlamaGen resizes the decoder's float output; we resize the stored uint8 PNGs, which
+    adds one rounding of at most half a level before the resize."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W)
+    return to_uint8(F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False))
+
+
+def pack_for_eval(folder: Path, num_images: int, shard_size: int, size: int, path: Path,
+                  progress: bool = True) -> Path:
+    """Stream the shards, in index order, into an ADM .npz of size x size images."""
+    num_shards = -(-num_images // shard_size)
+    missing = [k for k in range(num_shards) if not shard_done(folder, k)]
+    if missing:
+        raise RuntimeError(f"{folder}: shards {missing[:5]} are unfinished; re-run to resume sampling")
+    labels = []
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, size, size, 3)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for k in tqdm(range(num_shards), desc="pack", disable=not progress):
+                table = json.loads((shard_dir(folder, k) / "labels.json").read_text())
+                names = sorted(table)  # zero-padded global indices: sorted = index order
+                batch = np.stack([np.asarray(Image.open(shard_dir(folder, k) / f"{n}.png").convert("RGB"))
+                                  for n in names])
+                if batch.shape[1:3] != (size, size):
+                    batch = resize_bicubic(batch, size)
+                f.write(np.ascontiguousarray(batch).tobytes())
+                labels += [table[n] for n in names]
+            if len(labels) != num_images:
+                raise RuntimeError(f"{folder}: the shards hold {len(labels)} images, not {num_images}")
+        with zf.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    return path
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def _stored_source(weights: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("source", "{}"))
+
+
+def _argen_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _devices(cfg: ReproduceConfig, nproc: int) -> str:
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return f"{nproc}x {torch.cuda.get_device_name(0)}"
+    return f"{nproc}x CPU"
+
+
+def _precision(cfg: ReproduceConfig) -> str:
+    """What sample.py's precision=auto resolved to: bf16 on a GPU, fp32 on the CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if cfg.device != "cpu" and torch.cuda.is_available() else "fp32"
+
+
+TABLE_HEADER = [
+    "| date (UTC) | run | checkpoint (sha256) | res | cfg | labels | images | FID | sFID | IS | "
+    "Prec | Rec | paper FID | Inception | reference (sha256) | devices | argen | settings |",
+    "|" + "---|" * 18,
+]
+
+
+def table_row(cfg: ReproduceConfig, result: dict, prov: dict) -> str:
+    m = result["metrics"]
+
+    def num(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    s = cfg.sampling
+    settings = (f"top-k {s.top_k}, top-p {s.top_p}, T {s.temperature}, {s.cfg_schedule} CFG, "
+                f"seed {cfg.seed}, {prov['precision']}" + (", EMA" if cfg.use_ema else ""))
+    res = f"{cfg.image_size}" + (f"→{cfg.eval_size} bicubic" if cfg.image_size != cfg.eval_size else "")
+    cells = [prov["date"][:16].replace("T", " "), cfg.name,
+             f"{prov['checkpoint']['file']} ({prov['checkpoint']['sha256'][:12]})", res,
+             f"{s.cfg_scale:g}", cfg.labels, f"{result['samples']['count']:,}",
+             num(m.get("fid"), ".3f"), num(m.get("sfid"), ".3f"),
+             num(m.get("is") and m["is"]["mean"], ".1f"), num(m.get("precision"), ".3f"),
+             num(m.get("recall"), ".3f"), f"{cfg.published_fid:g}" if cfg.published_fid else "",
+             result["inception"]["fingerprint"][:12],
+             f"{Path(result['reference']['path']).name} ({result['reference']['sha256'][:12]})",
+             prov["devices"], prov["argen"], settings]
+    return "| " + " | ".join(cells) + " |"
+
+
+def append_row(table: Path, row: str) -> None:
+    old = table.read_text() if table.is_file() else "\n".join(TABLE_HEADER) + "\n"
+    atomic_write_text(table, old + row + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> dict:
+    """Run every stage; `extractor` lets a caller (tests) reuse a loaded Inception network."""
+    log = get_logger("reproduce")
+    out = Path(cfg.out or f"runs/reproduce/{cfg.name}")
+    # fail now, not after hours of sampling: the reference and the evaluator must be there
+    load_reference(cfg.ref)
+    if extractor is None:
+        resolve_weights(cfg.inception_weights or None)
+    vq = convert_vq(VQConvertConfig(ckpt=cfg.vq_ckpt, out=str(out / "weights" / "vq.safetensors")),
+                    reuse=True)
+    gen = convert_gpt(GPTConvertConfig(ckpt=cfg.gpt_ckpt, out=str(out / "weights" / "gpt.safetensors"),
+                                       image_size=cfg.image_size, tokenizer=str(vq), layout=cfg.layout,
+                                       use_ema=cfg.use_ema), reuse=True)
+    nproc = process_count(cfg)
+    run_sampling(cfg, gen, out / "samples", nproc, log)
+    npz = out / f"samples_{cfg.eval_size}.npz"
+    stamp = {"settings": json.loads((out / "samples" / "settings.json").read_text()),
+             "eval_size": cfg.eval_size}
+    stamp_path = npz.with_suffix(".json")
+    if not (npz.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp):
+        pack_for_eval(out / "samples", cfg.num_images, cfg.shard_size, cfg.eval_size, npz)
+        atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
+    extractor = extractor or InceptionExtractor(cfg.inception_weights or None, cfg.device)
+    result = score(npz, cfg.ref, metrics=cfg.metrics, extractor=extractor, num_expected=50000)
+    prov = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": _stored_source(gen), "tokenizer_checkpoint": _stored_source(vq),
+            "weights_sha256": {"gpt": sha256_file(gen), "vq": sha256_file(vq)},
+            "devices": _devices(cfg, nproc), "processes": nproc, "argen": _argen_version(),
+            "precision": _precision(cfg),
+            "resize": (f"bicubic {cfg.image_size} -> {cfg.eval_size}"
+                       if cfg.image_size != cfg.eval_size else "none")}
+    result["reproduce"] = {**prov, "config": asdict(cfg)}
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    append_row(Path(cfg.table), table_row(cfg, result, prov))
+    print(summary_line(result) + f"  -> {out / 'metrics.json'}, row added to {cfg.table}")
+    return result
+
+
+if __name__ == "__main__":
+    config = parse_cli(ReproduceConfig, doc=__doc__)
+    try:
+        main(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # the message says what to do
+        sys.exit(f"error: {e}")

@@ -1,0 +1,123 @@
+"""reproduce.py: the recipe configs follow LlamaGen's protocol, and the whole chain (convert ->
+sample -> pack/resize -> score -> table row) runs end to end on the tiny LlamaGen fixtures,
+resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reproduce
+from ar.config import load_config
+from conftest import FIXTURES, ROOT
+from evaluation import InceptionExtractor, WeightsNotFoundError, make_reference, resolve_weights
+from sampling.outputs import pack_npz, write_shard
+
+CONFIGS = ROOT / "configs" / "reproduce"
+REQUIRED = ["gpt_ckpt=G.pt", "vq_ckpt=VQ.pt", "ref=REF.npz"]
+# LlamaGen README / GETTING_STARTED.md: (resolution, CFG scale, FID)
+LLAMAGEN = {"B": (256, 2.0, 5.46), "B-384": (384, 2.0, 6.09), "L-256": (256, 2.0, 3.80),
+            "L": (384, 2.0, 3.07), "XL": (384, 1.75, 2.62), "XXL": (384, 1.75, 2.34),
+            "3B": (384, 1.65, 2.18)}
+
+
+@pytest.mark.parametrize("size", sorted(LLAMAGEN))
+def test_recipes_follow_llamagen_protocol(size):
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / f"llamagen-{size}.yaml"], REQUIRED)
+    s = cfg.sampling
+    assert (cfg.image_size, s.cfg_scale, cfg.published_fid) == LLAMAGEN[size]
+    assert cfg.eval_size == 256 and cfg.num_images == 50000 and cfg.labels == "random"
+    assert (s.cfg_schedule, s.temperature, s.top_k, s.top_p) == ("constant", 1.0, 0, 1.0)
+
+
+def test_multi_gpu_sampling_goes_through_torchrun():
+    cmd = reproduce.sample_command(4, ["out=x"])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[-2:] == [str(ROOT / "sample.py"), "out=x"]
+    assert reproduce.sample_command(1, ["out=x"])[1:] == [str(ROOT / "sample.py"), "out=x"]
+
+
+def test_pack_streams_shards_and_resizes_bicubic(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    for k, ids in enumerate([range(0, 4), range(4, 7)]):
+        write_shard(tmp_path, k, np.array(ids), images[list(ids)], np.array(ids) % 3)
+    same = np.load(reproduce.pack_for_eval(tmp_path, 7, 4, 16, tmp_path / "a.npz", progress=False))
+    pack_npz(tmp_path, 2, tmp_path / "b.npz")  # sample.py's own packer
+    assert np.array_equal(same["arr_0"], np.load(tmp_path / "b.npz")["arr_0"])
+    assert same["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    small = np.load(reproduce.pack_for_eval(tmp_path, 7, 4, 12, tmp_path / "c.npz", progress=False))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = F.interpolate(x, size=(12, 12), mode="bicubic", align_corners=False)
+    want = ((y + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+    assert small["arr_0"].shape == (7, 12, 12, 3) and np.array_equal(small["arr_0"], want)
+
+
+def test_missing_reference_fails_before_any_work(tmp_path):
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"],
+                      [f"gpt_ckpt={FIXTURES / 'llamagen_gpt_c2i_tiny.pt'}", "vq_ckpt=VQ.pt",
+                       f"ref={tmp_path / 'missing.npz'}", f"out={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        reproduce.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def extractor():
+    try:
+        path = resolve_weights()
+    except WeightsNotFoundError as e:
+        pytest.skip(f"no TF-Inception weights ({str(e)[:80]}...); run scripts/get_inception.py")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine has 2 busy cores
+    yield InceptionExtractor(path, device="cpu")
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not (FIXTURES / "llamagen_vq_tiny.pt").is_file(), reason=f"no fixtures at {FIXTURES}")
+def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
+    # the tiny GPT predicts 256 codes and the tiny VQ has 64: keep the GPT's first 64 code rows,
+    # so it speaks the VQ's codes (8x8 codes, VQ downsamples by 2: 16 px images)
+    state = torch.load(FIXTURES / "llamagen_gpt_c2i_tiny.pt", weights_only=True)["model"]
+    for key in ("tok_embeddings.weight", "output.weight"):
+        state[key] = state[key][:64].clone()
+    torch.save({"model": state, "steps": 1}, tmp_path / "c2i_tiny_16.pt")
+    ref = tmp_path / "ref.npz"
+    real = np.random.default_rng(1).integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
+    make_reference(real, ref, extractor=extractor, progress=False)
+    out, table = tmp_path / "run", tmp_path / "results.md"
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"], [
+        f"gpt_ckpt={tmp_path / 'c2i_tiny_16.pt'}", f"vq_ckpt={FIXTURES / 'llamagen_vq_tiny.pt'}",
+        f"ref={ref}", f"out={out}", f"table={table}", "image_size=16", "eval_size=12",
+        "num_images=8", "batch_size=4", "shard_size=4", "device=cpu", "nproc=1",
+        "metrics=[fid,sfid,pr]"])
+    result = reproduce.main(cfg, extractor)
+    assert np.isfinite(result["metrics"]["fid"]) and np.isfinite(result["metrics"]["sfid"])
+    assert result["reproduce"]["checkpoint"]["file"] == "c2i_tiny_16.pt"
+    assert result["reproduce"]["resize"] == "bicubic 16 -> 12"
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == result["metrics"]
+    packed = np.load(out / "samples_12.npz")["arr_0"]
+    assert packed.shape == (8, 12, 12, 3)
+    rows = table.read_text().splitlines()
+    assert len(rows) == 3 and "LlamaGen-B" in rows[2] and "5.46" in rows[2]
+    assert result["reproduce"]["checkpoint"]["sha256"][:12] in rows[2]
+    assert result["inception"]["fingerprint"][:12] in rows[2]
+
+    # interrupted: shard 1 never finished and nothing was packed; the same command resumes
+    kept = out / "samples" / "shard_00000" / "labels.json"
+    stamp = kept.stat().st_mtime_ns
+    for p in (out / "samples" / "shard_00001").iterdir():
+        p.unlink()
+    (out / "samples" / "shard_00001").rmdir()
+    (out / "samples_12.npz").unlink()
+    again = reproduce.main(cfg, extractor)
+    assert kept.stat().st_mtime_ns == stamp  # not redone
+    assert np.array_equal(np.load(out / "samples_12.npz")["arr_0"], packed)
+    assert again["metrics"]["fid"] == pytest.approx(result["metrics"]["fid"], abs=1e-6)
+    assert len(table.read_text().splitlines()) == 4
