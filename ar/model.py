@@ -29,7 +29,7 @@ from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
 
 @dataclass
 class ModelConfig:
-    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL
+    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B
     dim: Optional[int] = None  # override the size's width
     n_layer: Optional[int] = None  # override the size's depth
     n_head: Optional[int] = None  # override the size's number of attention heads
@@ -207,4 +207,5 @@ AR_SIZES: dict[str, dict[str, int]] = {
     "AR-L": dict(dim=1024, n_layer=24, n_head=16),  # 343M
     "AR-XL": dict(dim=1280, n_layer=36, n_head=20),  # 775M
     "AR-XXL": dict(dim=1536, n_layer=48, n_head=24),  # 1.4B
+    "AR-3B": dict(dim=3200, n_layer=24, n_head=32),  # 3.1B
 }

@@ -25,16 +25,21 @@ PY = sys.executable
 STAGES = [
     ("dataset", [PY, "-m", "dataset.shapes", f"out={DATA}", "resolution=32",
                  "num_train=8000", "num_heldout=500", "seed=0"]),
+    ("reference", [PY, "eval_fid.py", "mode=ref", f"images={DATA}/heldout", "resolution=32",
+                   f"out={RUN}/heldout_ref.npz"]),
     ("tokenizer", [PY, "-m", "tokenizer.train", "--config", "configs/tokenizer/quickstart.yaml",
-                   f"data.root={DATA}/train", f"out_dir={RUN}/vq"]),
+                   f"data.root={DATA}/train", f"data.eval_root={DATA}/heldout", f"out_dir={RUN}/vq",
+                   "train.rfid=true", f"train.rfid_ref={RUN}/heldout_ref.npz"]),
     ("encode", [PY, "-m", "tokenizer.encode", f"data.root={DATA}/train", "data.resolution=32",
-                f"tokenizer={RUN}/vq/vq.safetensors", f"out={RUN}/codes"]),
+                f"tokenizer={RUN}/vq/vq.safetensors", f"out={RUN}/codes", "num_workers=0"]),
     ("generator", [PY, "train_gen.py", "--config", "configs/quickstart.yaml"]),
     ("grid", [PY, "sample.py", "--config", "configs/sample/quickstart.yaml",
               f"weights={RUN}/gen/weights/ema.safetensors", f"out={RUN}/grid.png", "mode=grid"]),
     ("samples", [PY, "sample.py", "--config", "configs/sample/quickstart.yaml",
                  f"weights={RUN}/gen/weights/ema.safetensors", f"out={RUN}/samples",
                  "mode=images", "num_images=500"]),
+    ("fid", [PY, "eval_fid.py", f"images={RUN}/samples/samples.npz", f"ref={RUN}/heldout_ref.npz",
+             f"out={RUN}/metrics.json", "num_expected=500", "metrics=[fid,sfid,pr,kid]"]),
 ]
 
 
@@ -53,7 +58,15 @@ def main() -> None:
     Path(RUN).mkdir(parents=True, exist_ok=True)
     Path(RUN, "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print("\n=== quickstart finished\n" + "\n".join(f"  {k:<10} {v:>7.1f} s" for k, v in timings.items()))
-    print(f"  grid:    {RUN}/grid.png  (one row per class)\n  samples: {RUN}/samples/samples.npz")
+    vq = json.loads(Path(RUN, "vq", "summary.json").read_text())
+    gen = json.loads(Path(RUN, "gen", "summary.json").read_text())
+    fid = json.loads(Path(RUN, "metrics.json").read_text())["metrics"]
+    print(f"  tokenizer: PSNR {vq['psnr']:.2f} dB, rFID {vq.get('rfid', float('nan')):.2f}, "
+          f"codebook usage {vq['usage_eval']:.0%}\n"
+          f"  generator: final loss {gen['final']['loss']:.3f} after {gen['steps']} steps\n"
+          f"  samples:   FID {fid['fid']:.2f} (500 samples vs 500 held-out images)\n"
+          f"  grid:    {RUN}/grid.png  (one row per class)\n  samples: {RUN}/samples/samples.npz\n"
+          f"  metrics: {RUN}/metrics.json")
 
 
 if __name__ == "__main__":

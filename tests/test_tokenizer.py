@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,25 @@ def test_gan_path_runs_and_finished_run_is_not_repeated(tmp_path):
     ckpt = torch.load(tmp_path / "gan" / "checkpoint.pt", weights_only=True)
     assert ckpt["discriminator"] and ckpt["disc_optimizer"]["state"]
     assert main(args) == summary  # a finished run only reports its summary
+
+
+def test_rfid_is_reported_and_missing_weights_fail_before_training(tmp_path, monkeypatch):
+    """rFID of the eval images: against their reference .npz and from the originals directly."""
+    from evaluation import make_reference
+    from evaluation.weights import ENV_WEIGHTS, cache_dir, CACHE_WEIGHTS
+    from tokenizer.train import main
+
+    if not (cache_dir() / CACHE_WEIGHTS).is_file() and not os.environ.get(ENV_WEIGHTS):
+        pytest.skip("no Inception weights: run `make inception` (scripts/get_inception.py)")
+    data = make_folder(tmp_path / "data", per_class=4)
+    make_reference(data, tmp_path / "ref.npz", num_workers=0, progress=False)
+    direct = main(train_args(data, tmp_path / "a", steps=2, **{"train.rfid": "true"}))
+    via_ref = main(train_args(data, tmp_path / "b", steps=2, **{"train.rfid": "true",
+                                                               "train.rfid_ref": tmp_path / "ref.npz"}))
+    assert np.isfinite(direct["rfid"]) and direct["rfid"] > 0
+    assert via_ref["rfid"] == pytest.approx(direct["rfid"], rel=1e-3)  # same images, same statistics
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv(ENV_WEIGHTS, raising=False)
+    with pytest.raises(Exception, match="Inception weights"):
+        main(train_args(data, tmp_path / "c", steps=2, **{"train.rfid": "true"}))
+    assert not (tmp_path / "c" / "checkpoint.pt").exists()  # failed before any training

@@ -65,6 +65,8 @@ class TrainConfig:
     disc_layers: int = 3  # PatchGAN stride-2 layers
     disc_ch: int = 64  # PatchGAN base channels
     eval_images: int = 512  # images for the final PSNR / usage evaluation
+    rfid: bool = False  # also report rFID: the eval images' reconstructions vs the originals (needs `make inception`)
+    rfid_ref: str = ""  # reference .npz of those originals (eval_fid.py mode=ref) to reuse; empty: an extra Inception pass
     seed: int = 0  # seeds init and the data order (a function of seed and step)
     num_workers: int = 2  # DataLoader workers (unused with data.in_memory)
     log_every: int = 50  # steps between logged scalars
@@ -248,15 +250,20 @@ def load_checkpoint(path, raw, disc, opt, opt_d) -> int:
 
 
 @torch.no_grad()
-def evaluate(raw, dataset, n: int, device, out_dir: Path) -> dict:
-    """PSNR and codebook usage on `n` evenly spaced images; writes the reconstruction grid."""
+def evaluate(raw, dataset, n: int, device, out_dir: Path, keep_images: bool = False) -> dict:
+    """PSNR and codebook usage on `n` evenly spaced images; writes the reconstruction grid.
+    With keep_images, also returns the originals and reconstructions as uint8 NHWC (for rFID)."""
     raw.eval()
     idx = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
     loader = DataLoader(torch.utils.data.Subset(dataset, idx.tolist()), batch_size=64)
     total, count, counts = 0.0, 0, torch.zeros(raw.codebook_size, dtype=torch.long)
+    originals, recons = [], []
     for x, _ in loader:
         x = x.to(device)
         recon, _, stats = raw(x)
+        if keep_images:
+            originals.append(to_uint8(x.cpu()))
+            recons.append(to_uint8(recon.cpu()))
         total += psnr(recon, x).item() * len(x)
         count += len(x)
         counts += stats["counts"].cpu()
@@ -266,8 +273,11 @@ def evaluate(raw, dataset, n: int, device, out_dir: Path) -> dict:
     save_grid(x.cpu(), raw(x)[0].cpu(), out_dir / "recon.png")
     raw.train()
     p = counts.float() / counts.sum()
-    return {"psnr": total / count, "usage": (counts > 0).float().mean().item(),
-            "perplexity": math.exp(-(p * p.clamp_min(1e-10).log()).sum().item()), "images": count}
+    result = {"psnr": total / count, "usage": (counts > 0).float().mean().item(),
+              "perplexity": math.exp(-(p * p.clamp_min(1e-10).log()).sum().item()), "images": count}
+    if keep_images:
+        result["originals"], result["recons"] = np.concatenate(originals), np.concatenate(recons)
+    return result
 
 
 def save_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, cols: int = 8) -> None:
@@ -293,6 +303,13 @@ def main(argv=None) -> dict:
                          f"{info.world_size} processes")
     out = Path(cfg.out_dir)
     if info.is_main:
+        if t.rfid:  # fail now, not after training, when the Inception weights are missing
+            from evaluation.weights import resolve_weights
+
+            resolve_weights()
+            if t.rfid_ref and not Path(t.rfid_ref).is_file():
+                raise SystemExit(f"error: train.rfid_ref={t.rfid_ref} not found; build it with "
+                                 f"`python eval_fid.py mode=ref images=HELDOUT out={t.rfid_ref}`")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     torch.manual_seed(t.seed)  # same init on every rank
@@ -380,8 +397,18 @@ def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start) -> dic
         save_checkpoint(out / "checkpoint.pt", raw, disc, opt, opt_d, t.steps)
         save_tokenizer(raw, cfg.model, out / "vq.safetensors")
         eval_set = ClassFolderDataset(cfg.data.eval_root or cfg.data.root, cfg.data.resolution)
-        ev = evaluate(raw, eval_set, t.eval_images, info.device, out)
+        ev = evaluate(raw, eval_set, t.eval_images, info.device, out, keep_images=t.rfid)
+        if t.rfid:
+            from evaluation import InceptionExtractor, fid_between, score
+
+            net = InceptionExtractor(device=info.device)
+            if t.rfid_ref:  # statistics of the same held-out images, computed once
+                ev["rfid"] = score(ev["recons"], t.rfid_ref, metrics=["fid"], extractor=net,
+                                   num_expected=0, num_workers=0)["metrics"]["fid"]
+            else:
+                ev["rfid"] = fid_between(ev["recons"], ev["originals"], progress=True, extractor=net)
         summary = {"psnr": round(ev["psnr"], 3), "usage_eval": round(ev["usage"], 4),
+                   **({"rfid": round(ev["rfid"], 3)} if t.rfid else {}),
                    "perplexity_eval": round(ev["perplexity"], 2), "eval_images": ev["images"],
                    "usage_window": round(raw.quantize.window_usage(t.usage_window), 4),
                    "codebook_size": cfg.model.codebook_size, "steps": t.steps,
@@ -392,7 +419,8 @@ def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start) -> dic
         if writer is not None:
             writer.add_scalar("eval/psnr", ev["psnr"], t.steps)
             writer.close()
-        log.info(f"done: {t.steps} steps in {seconds:.0f}s, PSNR {ev['psnr']:.2f} dB, codebook "
+        rfid = f", rFID {ev['rfid']:.2f}" if t.rfid else ""
+        log.info(f"done: {t.steps} steps in {seconds:.0f}s, PSNR {ev['psnr']:.2f} dB{rfid}, codebook "
                  f"usage {ev['usage']:.1%} (eval) / {summary['usage_window']:.1%} (last "
                  f"{t.usage_window} batches) -> {out / 'vq.safetensors'}")
     barrier()
