@@ -70,9 +70,10 @@ def cpu_has_bf16() -> bool:
 
 
 @contextlib.contextmanager
-def autocast(cfg: RunConfig, device: torch.device):
-    if not use_bf16(cfg.train.precision, device) or cfg.train.engine == "deepspeed":
-        yield  # DeepSpeed runs the model in bf16 itself
+def precision_context(precision: str, device: torch.device):
+    """The forward pass's numerics for train.precision: bf16 autocast or nothing."""
+    if not use_bf16(precision, device):
+        yield
         return
     with torch.autocast(device.type, dtype=torch.bfloat16):
         if device.type == "cpu":
@@ -81,6 +82,12 @@ def autocast(cfg: RunConfig, device: torch.device):
                 yield
         else:
             yield
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.engine == "deepspeed":  # DeepSpeed runs the model in bf16 itself
+        return contextlib.nullcontext()
+    return precision_context(cfg.train.precision, device)
 
 
 @dataclass

@@ -8,7 +8,6 @@ backward, AdamW), on random codes and weights of a registry size. Prints a table
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import sys
 import time
@@ -24,6 +23,7 @@ from ar.config import parse_cli  # noqa: E402
 from ar.dist import pick_device  # noqa: E402
 from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
 from ar.optim import make_adamw  # noqa: E402
+from train_gen import precision_context, use_bf16  # noqa: E402
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BenchConfig:
     steps: int = 5  # timed steps (after 2 warm-up steps)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on GPUs and on CPUs with native bf16) | bf16 | fp32
     threads: int = 0  # CPU threads (0: torch default)
 
 
@@ -56,8 +56,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     model = ARModel(spec).to(device).train()
     opt = make_adamw(model, 1e-4, (0.9, 0.95), 0.05, device)
     forward = torch.compile(model) if cfg.compile else model
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    bf16 = use_bf16(cfg.precision, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_tok = spec.grid_h * spec.grid_w
     print(f"# {cfg.size}: {n_params / 1e6:.1f}M params, {n_tok} tokens/image, "
@@ -71,7 +70,7 @@ def main(cfg: BenchConfig) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
 
         def step():
-            with amp:
+            with precision_context(cfg.precision, device):  # exactly what train_gen.py does
                 loss = forward(codes, labels)["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
