@@ -32,7 +32,6 @@ import datetime
 import json
 import subprocess
 import sys
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List
@@ -40,17 +39,15 @@ from typing import List
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 from ar.config import ConfigError, load_config, parse_cli
 from ar.dist import get_logger
-from ar.io import atomic_path, atomic_write_text, sha256_file
+from ar.io import atomic_write_text, sha256_file
 from convert.llamagen import GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
 from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
 from sampling.generate import SamplingConfig
-from sampling.outputs import shard_dir, shard_done
+from sampling.outputs import pack_npz, shard_done
 
 ROOT = Path(__file__).resolve().parent
 
@@ -153,24 +150,11 @@ def pack_for_eval(folder: Path, num_images: int, shard_size: int, size: int, pat
     missing = [k for k in range(num_shards) if not shard_done(folder, k)]
     if missing:
         raise RuntimeError(f"{folder}: shards {missing[:5]} are unfinished; re-run to resume sampling")
-    labels = []
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, size, size, 3)}
-            np.lib.format.write_array_header_1_0(f, header)
-            for k in tqdm(range(num_shards), desc="pack", disable=not progress):
-                table = json.loads((shard_dir(folder, k) / "labels.json").read_text())
-                names = sorted(table)  # zero-padded global indices: sorted = index order
-                batch = np.stack([np.asarray(Image.open(shard_dir(folder, k) / f"{n}.png").convert("RGB"))
-                                  for n in names])
-                if batch.shape[1:3] != (size, size):
-                    batch = resize_bicubic(batch, size)
-                f.write(np.ascontiguousarray(batch).tobytes())
-                labels += [table[n] for n in names]
-            if len(labels) != num_images:
-                raise RuntimeError(f"{folder}: the shards hold {len(labels)} images, not {num_images}")
-        with zf.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+
+    def to_size(batch: np.ndarray) -> np.ndarray:
+        return batch if batch.shape[1:3] == (size, size) else resize_bicubic(batch, size)
+
+    pack_npz(folder, num_shards, path, expected=num_images, transform=to_size, progress=progress)
     return path
 
 

@@ -137,7 +137,7 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
     log.info(f"rank {info.rank}: {todo} images in {time.time() - t0:.1f}s")
     dist.barrier()
     if info.is_main and cfg.npz:
-        count, shape = pack_npz(out, num_shards, out / "samples.npz")
+        count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n)
         log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
 
 

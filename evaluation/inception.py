@@ -70,7 +70,7 @@ def build_network(state: dict[str, torch.Tensor], has_logits: bool, source: str)
     """torch-fidelity's InceptionV3 holding `state`; it never sees a path, so never downloads.
 
     Its constructor downloads when given no weights path and otherwise calls
-    `torch.load(path, weights_only=False)`. So it gets an in-memory buffer that this function
+    torch.load on it with weights_only disabled. So it gets an in-memory buffer that this function
     has just written from tensors, which unpickles nothing that came from outside.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from ar.io import atomic_path
 from dataset.images import to_uint8
@@ -90,17 +93,32 @@ def write_shard(root: str | Path, shard: int, ids: np.ndarray, images: np.ndarra
     return final
 
 
-def pack_npz(root: str | Path, num_shards: int, path: str | Path) -> tuple[int, tuple]:
-    """Pack all shards, in index order, into an ADM-layout .npz; returns (count, image shape)."""
-    images, labels = [], []
-    for s in range(num_shards):
-        d = shard_dir(root, s)
-        table = json.loads((d / "labels.json").read_text())
-        for name in sorted(table):
-            images.append(np.asarray(Image.open(d / f"{name}.png").convert("RGB")))
-            labels.append(table[name])
-    arr = np.stack(images)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz" to the temp name
-            np.savez(f, arr_0=arr, arr_1=np.asarray(labels, dtype=np.int64))
-    return len(images), arr.shape[1:]
+def pack_npz(root: str | Path, num_shards: int, path: str | Path, expected: int | None = None,
+             transform: Callable[[np.ndarray], np.ndarray] | None = None,
+             progress: bool = False) -> tuple[int, tuple]:
+    """Pack all shards, in index order, into an ADM-layout .npz (arr_0 uint8 NHWC, arr_1
+    labels); returns (count, image shape). Streams shard by shard, so 50,000 images are never
+    all in memory. `transform` maps each uint8 (B, H, W, 3) shard to the stored images (e.g. a
+    resize); `expected` is the image count the shards must hold."""
+    tables = [json.loads((shard_dir(root, k) / "labels.json").read_text()) for k in range(num_shards)]
+    count = sum(len(t) for t in tables)
+    if expected is not None and count != expected:
+        raise RuntimeError(f"{root}: the shards hold {count} images, not {expected}")
+
+    def shard_images(k: int) -> np.ndarray:
+        names = sorted(tables[k])  # zero-padded global indices: sorted = index order
+        batch = np.stack([np.asarray(Image.open(shard_dir(root, k) / f"{n}.png").convert("RGB"))
+                          for n in names])
+        return np.ascontiguousarray(transform(batch) if transform else batch)
+
+    first = shard_images(0)
+    labels = np.asarray([t[n] for t in tables for n in sorted(t)], dtype=np.int64)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (count, *first.shape[1:])}
+            np.lib.format.write_array_header_1_0(f, header)
+            for k in tqdm(range(num_shards), desc="pack", disable=not progress):
+                f.write((first if k == 0 else shard_images(k)).tobytes())
+        with zf.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, labels)
+    return count, first.shape[1:]

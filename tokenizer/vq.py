@@ -141,15 +141,21 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            for j, block in enumerate(level.res):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         for block in self.mid:
             h = block(h)
         return self.conv_out(_swish(self.norm_out(h)))
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: its res blocks, each followed by attention where the level has it."""
+    for j, block in enumerate(level.res):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
 
 
 class Decoder(nn.Module):
@@ -185,10 +191,7 @@ class Decoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:
-            for j, block in enumerate(level.res):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(_swish(self.norm_out(h)))
