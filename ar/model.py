@@ -40,6 +40,8 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary embedding base
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
     pos_embed: str = "none"  # absolute position embedding added to the inputs: none (LlamaGen) | learned
+    cond_add: bool = False  # also add a class embedding to every token input (not in LlamaGen; a
+    #                         stronger class signal for small models, see README "Model options")
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen: 0.1)
     resid_dropout: float = 0.1  # dropout on each residual branch (LlamaGen: 0.1)
     ffn_dropout: float = 0.1  # dropout inside the feed-forward (LlamaGen: 0.1)
@@ -95,6 +97,9 @@ class ARModel(nn.Module):
         self.num_tokens = self.order.num_tokens
         self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens)
         self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim)
+        # (num_classes + 1, D): the label's embedding added to every token input, null row included
+        self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
+        self._cond_bias = None  # (B, 1, D) set by prefill for the decode steps that follow
         self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
                           if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
@@ -143,7 +148,10 @@ class ARModel(nn.Module):
     def hidden(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced hidden states: inputs (B, n) are sequence tokens 0..n-1; returns
         (B, n + 1, D), where row i predicts sequence token i."""
-        x = torch.cat([self.cond(labels), self.tok_embeddings(inputs)], dim=1)  # (B, P + n, D)
+        tokens = self.tok_embeddings(inputs)  # (B, n, D)
+        if self.cond_add is not None:
+            tokens = tokens + self.cond_add(labels)[:, None]
+        x = torch.cat([self.cond(labels), tokens], dim=1)  # (B, P + n, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
         h = self.transformer(x, self.rope[: x.shape[1]])  # (B, P + n, D)
         return h[:, self.prefix - 1:]
@@ -157,6 +165,7 @@ class ARModel(nn.Module):
 
     def clear_cache(self) -> None:
         self.transformer.clear_cache()
+        self._cond_bias = None
 
     def _cached(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run x (B, T, D) at sequence positions pos (T,) against the KV cache."""
@@ -169,12 +178,16 @@ class ARModel(nn.Module):
         """Write the condition prefix into the cache; return the hidden state (B, D) that
         predicts the first token."""
         pos = torch.arange(self.prefix, device=labels.device)
+        self._cond_bias = None if self.cond_add is None else self.cond_add(labels)[:, None]
         return self._cached(self._with_pos(self.cond(labels), pos), pos)[:, -1]
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed tokens (B,) at sequence position pos (a 1-element tensor, kept on the device
         so the loop never syncs); return the hidden state (B, D) predicting the next one."""
-        x = self._with_pos(self.tok_embeddings(tokens)[:, None], pos)  # (B, 1, D)
+        x = self.tok_embeddings(tokens)[:, None]  # (B, 1, D)
+        if self._cond_bias is not None:
+            x = x + self._cond_bias
+        x = self._with_pos(x, pos)
         return self._cached(x, pos)[:, 0]
 
 

@@ -28,6 +28,7 @@ def test_causal_changing_a_later_token_leaves_earlier_logits(model):
 @pytest.mark.parametrize("variant", [
     {}, {"n_kv_head": 2},  # multi-head and grouped-query attention
     {"cond_tokens": 3, "cond_rope": "identity", "pos_embed": "learned"},
+    {"cond_add": True},  # the class embedding added to every token input
 ])
 def test_kv_cached_decoding_equals_full_forward(variant):
     model = tiny_model(**variant)
