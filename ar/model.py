@@ -133,6 +133,15 @@ class ARModel(nn.Module):
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
 
+    def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, D): what model.cond_add adds to every token input; None when it is off."""
+        return None if self.cond_add is None else self.cond_add(labels)[:, None]
+
+    def _embed(self, tokens: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Token inputs (B, n) -> (B, n, D), with the label bias when there is one."""
+        x = self.tok_embeddings(tokens)
+        return x if bias is None else x + bias
+
     def _with_pos(self, x: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
         return x if self.pos_embed is None else x + self.pos_embed[pos].to(x.dtype)
 
@@ -148,9 +157,7 @@ class ARModel(nn.Module):
     def hidden(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced hidden states: inputs (B, n) are sequence tokens 0..n-1; returns
         (B, n + 1, D), where row i predicts sequence token i."""
-        tokens = self.tok_embeddings(inputs)  # (B, n, D)
-        if self.cond_add is not None:
-            tokens = tokens + self.cond_add(labels)[:, None]
+        tokens = self._embed(inputs, self._label_bias(labels))  # (B, n, D)
         x = torch.cat([self.cond(labels), tokens], dim=1)  # (B, P + n, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
         h = self.transformer(x, self.rope[: x.shape[1]])  # (B, P + n, D)
@@ -178,16 +185,13 @@ class ARModel(nn.Module):
         """Write the condition prefix into the cache; return the hidden state (B, D) that
         predicts the first token."""
         pos = torch.arange(self.prefix, device=labels.device)
-        self._cond_bias = None if self.cond_add is None else self.cond_add(labels)[:, None]
+        self._cond_bias = self._label_bias(labels)
         return self._cached(self._with_pos(self.cond(labels), pos), pos)[:, -1]
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed tokens (B,) at sequence position pos (a 1-element tensor, kept on the device
         so the loop never syncs); return the hidden state (B, D) predicting the next one."""
-        x = self.tok_embeddings(tokens)[:, None]  # (B, 1, D)
-        if self._cond_bias is not None:
-            x = x + self._cond_bias
-        x = self._with_pos(x, pos)
+        x = self._with_pos(self._embed(tokens[:, None], self._cond_bias), pos)  # (B, 1, D)
         return self._cached(x, pos)[:, 0]
 
 

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.config import parse_cli  # noqa: E402
+from bench.common import device_label, print_table  # noqa: E402
 from evaluation.inception import InceptionExtractor  # noqa: E402
 
 
@@ -58,14 +59,12 @@ def main(cfg: BenchConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     extractor = InceptionExtractor(cfg.inception_weights or None, cfg.device)
     dev = extractor.device
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"# Inception features, fp32 (TF32 off), {dev} ({where}), weights "
+    print(f"# Inception features, fp32 (TF32 off), {dev} ({device_label(dev)}), weights "
           f"{extractor.info.fingerprint[:12]}, sFID map {'on' if cfg.spatial else 'off'}")
     rows = [time_row(extractor, s, b, cfg) for s in cfg.sizes for b in cfg.batch_sizes]
-    print(f"{'size':>5} {'batch':>6} {'images':>7} {'seconds':>9} {'images/s':>10} {'50k (min)':>10}")
-    for r in rows:
-        print(f"{r['size']:>5} {r['batch']:>6} {r['images']:>7} {r['seconds']:>9.2f} "
-              f"{r['images_per_s']:>10.2f} {r['fid50k_minutes']:>10.1f}")
+    print_table(rows, [("size", 5, "size", ""), ("batch", 6, "batch", ""), ("images", 7, "images", ""),
+                       ("seconds", 9, "seconds", ".2f"), ("images/s", 10, "images_per_s", ".2f"),
+                       ("50k (min)", 10, "fid50k_minutes", ".1f")])
     return rows
 
 

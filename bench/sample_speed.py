@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.config import parse_cli  # noqa: E402
+from bench.common import device_label, print_table  # noqa: E402
 from ar.dist import pick_device  # noqa: E402
 from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
 from sampling import noise  # noqa: E402
@@ -87,7 +88,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     n_tok = model.num_tokens
     print(f"# {cfg.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{n_tok} tokens/image, vocab {cfg.vocab}, cfg {cfg.cfg_scale}, "
-          f"{'bf16' if bf16 else 'fp32'}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+          f"{'bf16' if bf16 else 'fp32'}, {device} ({device_label(device)})")
     variants = [("kv-cache", None)]
     if cfg.compile:
         variants.append(("kv-cache+compile", compiled_decode_step()))
@@ -116,12 +117,13 @@ def main(cfg: BenchConfig) -> list[dict]:
                          "images_per_s": b / sec, "tokens_per_s": b * n_tok / sec,
                          "speedup_vs_recompute": results["recompute"][0] / sec if "recompute" in results else None,
                          "same_tokens_as_kv": bool(torch.equal(out, base[1]))})
-    print(f"{'batch':>5} {'method':>18} {'s/batch':>9} {'images/s':>10} {'tokens/s':>11} "
-          f"{'vs recompute':>12} {'same tokens':>11}")
-    for r in rows:
-        sp = f"{r['speedup_vs_recompute']:.2f}x" if r["speedup_vs_recompute"] else "-"
-        print(f"{r['batch']:>5} {r['method']:>18} {r['sec_per_batch']:>9.3f} {r['images_per_s']:>10.2f} "
-              f"{r['tokens_per_s']:>11.1f} {sp:>12} {str(r['same_tokens_as_kv']):>11}")
+    def speedup(r):
+        return f"{r['speedup_vs_recompute']:.2f}x" if r["speedup_vs_recompute"] else "-"
+
+    print_table(rows, [("batch", 5, "batch", ""), ("method", 18, "method", ""),
+                       ("s/batch", 9, "sec_per_batch", ".3f"), ("images/s", 10, "images_per_s", ".2f"),
+                       ("tokens/s", 11, "tokens_per_s", ".1f"), ("vs recompute", 12, speedup, ""),
+                       ("same tokens", 11, lambda r: str(r["same_tokens_as_kv"]), "")])
     return rows
 
 

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.config import parse_cli  # noqa: E402
+from bench.common import device_label, print_table  # noqa: E402
 from ar.dist import pick_device  # noqa: E402
 from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
 from ar.optim import make_adamw  # noqa: E402
@@ -61,7 +62,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     n_tok = spec.grid_h * spec.grid_w
     print(f"# {cfg.size}: {n_params / 1e6:.1f}M params, {n_tok} tokens/image, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, compile={cfg.compile}, {device}"
-          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+          f" ({device_label(device)})")
     rows = []
     for b in cfg.micro_batches:
         codes = torch.randint(0, cfg.vocab, (b, cfg.grid, cfg.grid), device=device)
@@ -92,10 +93,9 @@ def main(cfg: BenchConfig) -> list[dict]:
         rows.append({"micro_batch": b, "sec_per_step": sec, "samples_per_s": b / sec,
                      "tokens_per_s": b * n_tok / sec, "model_tflops": tflops,
                      "peak_mem_gb": peak_memory_gb(device)})
-    print(f"{'batch':>6} {'s/step':>8} {'samples/s':>10} {'tokens/s':>11} {'TFLOP/s(6NT)':>13} {'peak GiB':>9}")
-    for r in rows:
-        print(f"{r['micro_batch']:>6} {r['sec_per_step']:>8.3f} {r['samples_per_s']:>10.1f} "
-              f"{r['tokens_per_s']:>11.0f} {r['model_tflops']:>13.3f} {r['peak_mem_gb']:>9.2f}")
+    print_table(rows, [("batch", 6, "micro_batch", ""), ("s/step", 8, "sec_per_step", ".3f"),
+                       ("samples/s", 10, "samples_per_s", ".1f"), ("tokens/s", 11, "tokens_per_s", ".0f"),
+                       ("TFLOP/s(6NT)", 13, "model_tflops", ".3f"), ("peak GiB", 9, "peak_mem_gb", ".2f")])
     return rows
 
 

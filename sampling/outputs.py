@@ -101,18 +101,18 @@ def pack_npz(root: str | Path, num_shards: int, path: str | Path, expected: int 
     all in memory. `transform` maps each uint8 (B, H, W, 3) shard to the stored images (e.g. a
     resize); `expected` is the image count the shards must hold."""
     tables = [json.loads((shard_dir(root, k) / "labels.json").read_text()) for k in range(num_shards)]
+    names = [sorted(t) for t in tables]  # zero-padded global indices: sorted = index order
     count = sum(len(t) for t in tables)
     if expected is not None and count != expected:
         raise RuntimeError(f"{root}: the shards hold {count} images, not {expected}")
 
     def shard_images(k: int) -> np.ndarray:
-        names = sorted(tables[k])  # zero-padded global indices: sorted = index order
         batch = np.stack([np.asarray(Image.open(shard_dir(root, k) / f"{n}.png").convert("RGB"))
-                          for n in names])
+                          for n in names[k]])
         return np.ascontiguousarray(transform(batch) if transform else batch)
 
     first = shard_images(0)
-    labels = np.asarray([t[n] for t in tables for n in sorted(t)], dtype=np.int64)
+    labels = np.asarray([t[n] for t, ns in zip(tables, names) for n in ns], dtype=np.int64)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": "|u1", "fortran_order": False, "shape": (count, *first.shape[1:])}
