@@ -4,6 +4,7 @@ Prints a table; not a test.
     python bench/eval_speed.py                                   # GPU if present, else CPU
     python bench/eval_speed.py device=cpu threads=2 sizes=[32,256] batch_sizes=[8] images=32
     python bench/eval_speed.py sizes=[256] batch_sizes=[64,256] images=2048   # GPU, FID-50K planning
+    python bench/eval_speed.py layouts=[channels_last,contiguous]          # the two memory layouts
 
 Input images are random uint8 at each size; the network resizes them to 299 inside, so the
 cost hardly depends on the input size. The last column extrapolates to 50,000 images (one
@@ -37,9 +38,17 @@ class BenchConfig:
     inception_weights: str = ""  # weights file; empty: $ARGEN_INCEPTION_WEIGHTS, then the cache
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads (0: torch default)
+    layouts: List[str] = field(default_factory=lambda: ["default"])  # default (what scoring uses:
+    #   channels_last on CPU, contiguous on GPU) | channels_last | contiguous, timed side by side
 
 
-def time_row(extractor: InceptionExtractor, size: int, batch: int, cfg: BenchConfig) -> dict:
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def time_row(extractor: InceptionExtractor, layout: str, size: int, batch: int,
+             cfg: BenchConfig) -> dict:
+    if layout != "default":
+        extractor.net.to(memory_format=LAYOUTS[layout])
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     extractor.forward_batch(data)  # warm-up: allocations, cuDNN autotuning
@@ -50,19 +59,23 @@ def time_row(extractor: InceptionExtractor, size: int, batch: int, cfg: BenchCon
     extractor.extract((data for _ in range(n_batches)), spatial=cfg.spatial, progress=False)
     seconds = time.perf_counter() - t0  # extract() copies to CPU, so the GPU is done here
     rate = n_batches * batch / seconds
-    return {"size": size, "batch": batch, "images": n_batches * batch, "seconds": seconds,
+    return {"layout": layout, "size": size, "batch": batch, "images": n_batches * batch, "seconds": seconds,
             "images_per_s": rate, "fid50k_minutes": 50000 / rate / 60}
 
 
 def main(cfg: BenchConfig) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    unknown = [x for x in cfg.layouts if x != "default" and x not in LAYOUTS]
+    if unknown:
+        sys.exit(f"layouts={cfg.layouts}: unknown {unknown}; choose from default, {', '.join(LAYOUTS)}")
     extractor = InceptionExtractor(cfg.inception_weights or None, cfg.device)
     dev = extractor.device
     print(f"# Inception features, fp32 (TF32 off), {dev} ({device_label(dev)}), weights "
           f"{extractor.info.fingerprint[:12]}, sFID map {'on' if cfg.spatial else 'off'}")
-    rows = [time_row(extractor, s, b, cfg) for s in cfg.sizes for b in cfg.batch_sizes]
-    print_table(rows, [("size", 5, "size", ""), ("batch", 6, "batch", ""), ("images", 7, "images", ""),
+    rows = [time_row(extractor, lay, s, b, cfg)
+            for s in cfg.sizes for b in cfg.batch_sizes for lay in cfg.layouts]
+    print_table(rows, [("layout", 14, "layout", ""), ("size", 5, "size", ""), ("batch", 6, "batch", ""), ("images", 7, "images", ""),
                        ("seconds", 9, "seconds", ".2f"), ("images/s", 10, "images_per_s", ".2f"),
                        ("50k (min)", 10, "fid50k_minutes", ".1f")])
     return rows

@@ -1,11 +1,19 @@
 """`shapes`: the built-in procedural dataset that the quickstart and the tests train on.
 
-Eight shape classes, each varied in fill colour, size, position (a 3x3 grid of named regions),
-a little rotation and the background, with a caption naming every attribute, e.g. "a small red
-triangle at the top left on a grey background". Image i of a split is a pure function of
-(seed, split, i, resolution); the attributes do not depend on the resolution, so the same image
-at 32 and at 64 pixels differs only in sampling. Shapes are drawn from signed distance functions
-evaluated at pixel centres, which anti-aliases them for free.
+Eight shape classes, each varied in fill colour (8), size (3), position (a 3x3 grid of named
+regions) and background (5), with a caption naming every attribute, e.g. "a small red triangle
+at the top left on a grey background". Image i of a split is a pure function of
+(seed, split, i, resolution, jitter); the attributes do not depend on the resolution, so the same
+image at 32 and at 64 pixels differs only in sampling. Shapes are drawn from signed distance
+functions evaluated at pixel centres, which anti-aliases them for free.
+
+By default every attribute is discrete: one radius per size, the centre of each region on a
+lattice of 1/8 of the image side, no rotation, the named colours exactly, flat backgrounds. Equal
+content then gives equal tokenizer codes, which is what lets a 2-minute VQ and a 5-minute GPT on
+a CPU learn the shapes (README, "What to expect from the grid"). `jitter=true` adds continuous
+variation inside each attribute (radius within the size's range, position within the region,
+rotation up to 15 degrees, colour jitter, a background gradient): a harder dataset, with the same
+discrete attributes and captions image for image.
 
     python -m dataset.shapes out=data/shapes32 resolution=32 num_train=8000 num_heldout=500
 
@@ -55,7 +63,8 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 256
 MIN_COLOR_DISTANCE = 110.0  # RGB Euclidean; rejects e.g. white on beige, which is hard to see
 MAX_ROTATION_DEG = 15.0  # small enough that a square never turns into a diamond
 MARGIN = 0.03  # gap between a shape's bounding circle and the image border
-FORMAT_VERSION = 1  # bump when rendering changes, so old folders are not silently mixed in
+LATTICE = 8  # without jitter, centres sit on multiples of 1/LATTICE of the side (a 4-px token grid at 32)
+FORMAT_VERSION = 2  # bump when rendering changes, so old folders are not silently mixed in
 
 
 def _star(points: int = 5, outer: float = 1.08, inner: float = 0.52) -> np.ndarray:
@@ -113,7 +122,7 @@ class ShapeAttributes:
     position: str  # one of POSITIONS
     center: tuple[float, float]  # (x, y) as fractions of the image side, y downwards
     rotation_deg: float
-    fill_rgb: tuple[int, int, int]  # the named colour with a little per-image jitter
+    fill_rgb: tuple[int, int, int]  # the named colour (with jitter: plus up to +-10 per channel)
     background_rgb: tuple[int, int, int]
     gradient: tuple[float, float]  # (angle in radians, amplitude in grey levels) of the background
     caption: str
@@ -148,27 +157,39 @@ def _rng(index: int, split: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLITS[split], int(index)])
 
 
-def shape_attributes(index: int, split: str = "train", seed: int = 0) -> ShapeAttributes:
-    """Draw the attributes of image `index` of `split` (cheap: no pixels)."""
+def shape_attributes(index: int, split: str = "train", seed: int = 0,
+                     jitter: bool = False) -> ShapeAttributes:
+    """Draw the attributes of image `index` of `split` (cheap: no pixels).
+
+    Everything is drawn in the same order with and without `jitter`, so image i has the same
+    class, size, colour, background and position (and caption) either way.
+    """
     rng = _rng(index, split, seed)
     class_name = CLASSES[index % len(CLASSES)]
     size = list(SIZES)[rng.integers(len(SIZES))]
-    radius = float(rng.uniform(*SIZES[size]))
+    jittered_radius = float(rng.uniform(*SIZES[size]))
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     allowed = ALLOWED_FILLS[background]
     color = allowed[rng.integers(len(allowed))]
     position = POSITIONS[rng.integers(len(POSITIONS))]
     row, col = divmod(POSITIONS.index(position), 3)
+    jx, jy = rng.uniform(0.1, 0.9, size=2)
+    rotation = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    gradient = (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 20)))
+    rgb_jitter = rng.integers(-10, 11, size=3)
+    radius = jittered_radius if jitter else 0.5 * sum(SIZES[size])
     # Regions are thirds of the range where the whole shape fits, so a large shape at the top left
     # touches neither border; jitter stays inside the middle 80% of the third to keep regions apart.
     lo = EXTENT[class_name] * radius + MARGIN
     third = (1.0 - 2.0 * lo) / 3.0
-    jx, jy = rng.uniform(0.1, 0.9, size=2)
-    center = (float(lo + (col + jx) * third), float(lo + (row + jy) * third))
-    rotation = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
-    gradient = (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 20)))
-    jitter = rng.integers(-10, 11, size=3)
-    fill = tuple(int(v) for v in np.clip(np.add(FILL_COLORS[color], jitter), 0, 255))
+    if jitter:
+        center = (float(lo + (col + jx) * third), float(lo + (row + jy) * third))
+        fill = tuple(int(v) for v in np.clip(np.add(FILL_COLORS[color], rgb_jitter), 0, 255))
+    else:
+        # the region's centre moved to the nearest lattice point (by at most 1/16 of the side;
+        # every class and size still fits inside the image, tested)
+        center = tuple(round((lo + (k + 0.5) * third) * LATTICE) / LATTICE for k in (col, row))
+        rotation, gradient, fill = 0.0, (0.0, 0.0), FILL_COLORS[color]
     return ShapeAttributes(
         label=index % len(CLASSES), class_name=class_name, size=size, radius=radius, color=color,
         background=background, position=position, center=center, rotation_deg=rotation,
@@ -230,10 +251,11 @@ def draw(attrs: ShapeAttributes, resolution: int) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def render(index: int, split: str = "train", resolution: int = 32, seed: int = 0) -> ShapeSample:
+def render(index: int, split: str = "train", resolution: int = 32, seed: int = 0,
+           jitter: bool = False) -> ShapeSample:
     """Image `index` of `split`: pixels plus the attributes and caption that describe them."""
     check_resolution(resolution)
-    attrs = shape_attributes(index, split, seed)
+    attrs = shape_attributes(index, split, seed, jitter)
     return ShapeSample(**{f.name: getattr(attrs, f.name) for f in dataclasses.fields(attrs)},
                        image=draw(attrs, resolution))
 
@@ -248,7 +270,8 @@ class ShapesConfig:
     resolution: int = 32  # image side in pixels, 32 to 256
     num_train: int = 8000  # images in the train split (at least 8, one per class)
     num_heldout: int = 500  # images in the heldout split (0, or at least 8)
-    seed: int = 0  # generator seed; image i of a split depends only on (seed, split, i, resolution)
+    seed: int = 0  # generator seed; image i of a split depends only on (seed, split, i, resolution, jitter)
+    jitter: bool = False  # continuous variation inside each attribute (harder; module docstring)
     progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
@@ -267,7 +290,8 @@ class ShapesConfig:
 
 def _settings(cfg: ShapesConfig) -> dict:
     return {"generator": "argen.dataset.shapes", "format_version": FORMAT_VERSION,
-            "seed": cfg.seed, "resolution": cfg.resolution, "num_train": cfg.num_train,
+            "seed": cfg.seed, "jitter": cfg.jitter, "resolution": cfg.resolution,
+            "num_train": cfg.num_train,
             "num_heldout": cfg.num_heldout, "classes": list(CLASSES),
             "splits": {"train": "train", "heldout": "heldout"}}
 
@@ -287,7 +311,7 @@ def _check_out_folder(out: Path, settings: dict) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta} is unreadable ({e}); delete {out} or choose another "
                          f"out=") from None
-    identity = ("generator", "format_version", "seed", "resolution", "classes")
+    identity = ("generator", "format_version", "seed", "jitter", "resolution", "classes")
     diff = [f"{k}: {old.get(k)!r} there vs {settings[k]!r} now" for k in identity
             if old.get(k) != settings[k]]
     if diff:
@@ -320,7 +344,7 @@ def write_split(out: Path, split: str, count: int, cfg: ShapesConfig) -> tuple[i
     lines = []
     for i in tqdm(range(count), desc=f"shapes {split}", unit="img", disable=not cfg.progress,
                   dynamic_ncols=True):
-        attrs = shape_attributes(i, split, cfg.seed)
+        attrs = shape_attributes(i, split, cfg.seed, cfg.jitter)
         rel = f"{attrs.class_name}/{i:06d}.png"
         path = split_dir / rel
         if path.is_file():  # writes are atomic, so an existing file is a complete one

@@ -14,8 +14,8 @@ from PIL import Image
 from dataset.folder import ClassFolderDataset
 from dataset.images import (ImageReadError, adm_center_crop, load_image, save_png, to_tensor,
                             to_uint8)
-from dataset.shapes import (BACKGROUNDS, CLASSES, FILL_COLORS, MIN_COLOR_DISTANCE, POSITIONS,
-                            SIZES, caption_for, draw, main, render, shape_attributes)
+from dataset.shapes import (BACKGROUNDS, CLASSES, FILL_COLORS, LATTICE, MIN_COLOR_DISTANCE,
+                            POSITIONS, SIZES, caption_for, draw, main, render, shape_attributes)
 
 
 def _run_cli(out, *args):
@@ -37,12 +37,33 @@ def test_shapes_deterministic_from_seed():
     assert not any(np.array_equal(x, y) for x, y in zip(same, other))
 
 
-def test_splits_never_coincide():
-    train = [render(i, "train").image for i in range(16)]
-    heldout = [render(i, "heldout").image for i in range(16)]
+def test_splits_draw_from_separate_streams():
+    # with jitter no two images coincide; without it, the splits are independent draws of the
+    # same few thousand discrete images (their attribute sequences differ)
+    train = [render(i, "train", jitter=True).image for i in range(16)]
+    heldout = [render(i, "heldout", jitter=True).image for i in range(16)]
     assert not any(np.array_equal(t, h) for t in train for h in heldout)
+    assert [shape_attributes(i, "train").caption for i in range(16)] != \
+        [shape_attributes(i, "heldout").caption for i in range(16)]
     with pytest.raises(ValueError, match="split"):
         render(0, "validation")
+
+
+def test_default_attributes_are_discrete_and_jitter_keeps_them():
+    for i in range(300):
+        a, j = shape_attributes(i), shape_attributes(i, jitter=True)
+        assert a.radius == pytest.approx(sum(SIZES[a.size]) / 2)
+        assert all(c * LATTICE == round(c * LATTICE) for c in a.center)
+        assert (a.rotation_deg, a.gradient, a.fill_rgb) == (0.0, (0.0, 0.0), FILL_COLORS[a.color])
+        # jitter varies inside each attribute, never the attribute (nor the caption)
+        assert (j.class_name, j.size, j.color, j.background, j.position, j.caption) == \
+            (a.class_name, a.size, a.color, a.background, a.position, a.caption)
+        lo, hi = SIZES[j.size]
+        assert lo <= j.radius <= hi and abs(j.rotation_deg) <= 15.0
+    # equal attributes draw equal pixels: the same shape at the same place is the same image
+    same = [(i, k) for i in range(200) for k in range(i) if shape_attributes(i).caption ==
+            shape_attributes(k).caption]
+    assert same and all(np.array_equal(render(i).image, render(k).image) for i, k in same[:5])
 
 
 def test_labels_cycle_through_balanced_classes():
@@ -74,9 +95,19 @@ def test_attributes_do_not_depend_on_resolution():
     assert np.abs(down - a.image).mean() < 2.0
 
 
+def _one_per_class_size_position():
+    seen = {}
+    for i in range(4000):
+        a = shape_attributes(i)
+        seen.setdefault((a.class_name, a.size, a.position), a)
+    assert len(seen) == len(CLASSES) * len(SIZES) * len(POSITIONS)
+    return list(seen.values())
+
+
 def test_every_class_draws_a_visible_shape_inside_the_image():
-    for i in range(64):
-        attrs = dataclasses.replace(shape_attributes(i), gradient=(0.0, 0.0))
+    jittered = [dataclasses.replace(shape_attributes(i, jitter=True), gradient=(0.0, 0.0))
+                for i in range(64)]
+    for attrs in jittered + _one_per_class_size_position():
         img = draw(attrs, 32).astype(int)
         bg = np.array(attrs.background_rgb)
         fg = np.abs(img - bg).sum(-1) > 30
@@ -146,6 +177,8 @@ def test_cli_rerun_skips_existing_and_refuses_other_settings(tmp_path):
         _run_cli(out, "num_train=8", "num_heldout=0", "seed=1")
     with pytest.raises(SystemExit, match="choose another out"):
         _run_cli(out, "num_train=8", "num_heldout=0", "resolution=64")
+    with pytest.raises(SystemExit, match="jitter"):
+        _run_cli(out, "num_train=8", "num_heldout=0", "jitter=true")
 
 
 def test_class_folder_finds_images_recursively_in_sorted_order(tmp_path):

@@ -128,6 +128,28 @@ def test_usage_window_and_dead_code_restart():
     assert q.window_usage(3) == 1.0  # restarted codes get a grace period
 
 
+@pytest.mark.parametrize("local", [False, True])
+def test_local_encoder_codes_see_only_their_window(local):
+    # ch_mult [1, 1, 2]: 8x8 codes of 32x32 images; the local encoder's code at (1, 1) sees a
+    # 21-px window (pixels 0..17 here). Repainting the far corner changes it only through the
+    # default encoder's GroupNorm statistics, attention and wide receptive field.
+    torch.manual_seed(0)
+    model = VQModel(tiny_cfg(ch_mult=[1, 1, 2], local_encoder=local))
+    for p in model.parameters():  # random weights everywhere (init zeroes residual branches)
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = x.clone()
+    y[..., 24:, 24:] = 1.0
+    with torch.no_grad():
+        zx, zy = model.encode_latent(x), model.encode_latent(y)
+    assert torch.equal(zx[..., 1, 1], zy[..., 1, 1]) == local
+    assert not torch.equal(zx[..., 7, 7], zy[..., 7, 7])  # the repainted corner itself changes
+    # parameter names stay LlamaGen's wherever the two layouts share a module
+    if local:
+        own = set(model.state_dict())
+        assert "encoder.norm_out.weight" in own and not any(".mid." in k for k in own if k.startswith("encoder."))
+
+
 def test_encode_decode_shapes():
     model = VQModel(tiny_cfg()).eval()
     assert model.kind == "discrete" and model.downsample == 2 and model.grid(16) == (8, 8)

@@ -31,6 +31,12 @@ class VQConfig:
     dropout: float = 0.0  # dropout inside res blocks
     commit_beta: float = 0.25  # weight of the commitment loss
     l2_norm: bool = True  # l2-normalise latents and codebook before the nearest-code search
+    # A local encoder (off in LlamaGen): per-position LayerNorm over channels instead of GroupNorm,
+    # no attention and no mid block, no res blocks at the lowest resolution and a 1x1 conv_out.
+    # Each code then depends on a fixed window of pixels only (21 px for ch_mult [1, 1, 2]), so
+    # equal content gives equal codes wherever it sits and whatever else is in the image; see
+    # configs/tokenizer/quickstart.yaml for what that did to the generator's loss.
+    local_encoder: bool = False
 
     def validate(self) -> None:
         if self.ch % 32:
@@ -47,6 +53,20 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position: unlike GroupNorm, no statistics over space."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return h.permute(0, 3, 1, 2)
+
+
 def _swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)  # x * sigmoid(x), fused
 
@@ -54,11 +74,11 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- blocks
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, norm=_norm):
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = _norm(c_out)
+        self.norm2 = norm(c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         # a 1x1 projection only where the residual changes width (LlamaGen's key name)
@@ -122,11 +142,14 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         c = ch
+        local = cfg.local_encoder
+        norm = ChannelNorm if local else _norm
         for i, m in enumerate(mults):
             level = nn.Module()
             res, attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                res.append(ResnetBlock(c, ch * m, cfg.dropout))
+            # the local encoder stops at the last downsampling: its receptive field stays small
+            for _ in range(0 if (local and i == L - 1) else cfg.num_res_blocks):
+                res.append(ResnetBlock(c, ch * m, cfg.dropout, norm))
                 c = ch * m
                 if i == L - 1:  # attention only at the lowest resolution, where it is cheap
                     attn.append(AttnBlock(c))
@@ -134,9 +157,9 @@ class Encoder(nn.Module):
             if i != L - 1:
                 level.downsample = Downsample(c)
             self.conv_blocks.append(level)
-        self.mid = _mid(c, cfg.dropout)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+        self.mid = nn.ModuleList() if local else _mid(c, cfg.dropout)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 1 if local else 3, padding=0 if local else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -302,7 +325,7 @@ class VQModel(ImageTokenizer):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # PyTorch's conv default, made explicit
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.GroupNorm):
+            elif isinstance(m, (nn.GroupNorm, ChannelNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         # zero the residual branches' last conv so every block starts as the identity
