@@ -33,7 +33,7 @@ class VQConfig:
     l2_norm: bool = True  # l2-normalise latents and codebook before the nearest-code search
     # A local encoder (off in LlamaGen): per-position LayerNorm over channels instead of GroupNorm,
     # no attention and no mid block, no res blocks at the lowest resolution and a 1x1 conv_out.
-    # Each code then depends on a fixed window of pixels only (21 px for ch_mult [1, 1, 2]), so
+    # Each code then depends on a fixed window of pixels only (21 px for ch_mult [1, 1, 2] and one res block), so
     # equal content gives equal codes wherever it sits and whatever else is in the image; see
     # configs/tokenizer/quickstart.yaml for what that did to the generator's loss.
     local_encoder: bool = False
