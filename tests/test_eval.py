@@ -24,7 +24,7 @@ from PIL import Image
 from evaluation import weights as W
 from evaluation.inception import SPATIAL_DIM, InceptionExtractor
 from evaluation.inputs import open_images
-from evaluation.metrics import (RunningGaussian, frechet_distance, frechet_distance_to_features,
+from evaluation.metrics import (RunningGaussian, nearest_label_agreement, frechet_distance, frechet_distance_to_features,
                                 gaussian_stats, inception_score, kernel_inception_distance,
                                 precision_recall)
 from evaluation.reference import Reference, load_reference, make_reference
@@ -145,6 +145,21 @@ def test_inception_score_equals_hand_computation():
     assert inception_score(onehot, splits=10, shuffle_seed=None)[0] == pytest.approx(4, rel=1e-6)
     by_class = np.repeat(np.eye(4) * 50, 10, axis=0)[::-1]
     assert inception_score(by_class, splits=4, shuffle_seed=None)[0] == pytest.approx(1, rel=1e-6)
+
+
+def test_nearest_label_agreement_counts_samples_nearest_to_their_class():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 10  # three well separated classes
+    ref = np.concatenate([c + rng.normal(0, 0.1, (20, 3)) for c in centres])
+    ref_labels = np.repeat([0, 1, 2], 20)
+    samples = np.stack([centres[0], centres[0], centres[1], centres[2] + 0.5])
+    labels = np.array([0, 2, 1, 1])  # the second and the last sit in another class's cluster
+    out = nearest_label_agreement(samples, labels, ref, ref_labels)
+    assert out["agreement"] == 0.5
+    assert out["per_label"] == {0: 1.0, 1: 0.5, 2: 0.0}
+    assert 0.0 < out["median_distance"] < 1.0
+    with pytest.raises(ValueError, match="sizes must match"):
+        nearest_label_agreement(samples[:, :2], labels, ref, ref_labels)
 
 
 def test_precision_recall_synthetic():
