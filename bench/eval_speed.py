@@ -47,8 +47,7 @@ LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_
 
 def time_row(extractor: InceptionExtractor, layout: str, size: int, batch: int,
              cfg: BenchConfig) -> dict:
-    if layout != "default":
-        extractor.net.to(memory_format=LAYOUTS[layout])
+    extractor.net.to(memory_format=LAYOUTS.get(layout, extractor.memory_format))
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     extractor.forward_batch(data)  # warm-up: allocations, cuDNN autotuning
@@ -59,8 +58,8 @@ def time_row(extractor: InceptionExtractor, layout: str, size: int, batch: int,
     extractor.extract((data for _ in range(n_batches)), spatial=cfg.spatial, progress=False)
     seconds = time.perf_counter() - t0  # extract() copies to CPU, so the GPU is done here
     rate = n_batches * batch / seconds
-    return {"layout": layout, "size": size, "batch": batch, "images": n_batches * batch, "seconds": seconds,
-            "images_per_s": rate, "fid50k_minutes": 50000 / rate / 60}
+    return {"layout": layout, "size": size, "batch": batch, "images": n_batches * batch,
+            "seconds": seconds, "images_per_s": rate, "fid50k_minutes": 50000 / rate / 60}
 
 
 def main(cfg: BenchConfig) -> list[dict]:
@@ -68,15 +67,16 @@ def main(cfg: BenchConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     unknown = [x for x in cfg.layouts if x != "default" and x not in LAYOUTS]
     if unknown:
-        sys.exit(f"layouts={cfg.layouts}: unknown {unknown}; choose from default, {', '.join(LAYOUTS)}")
+        sys.exit(f"layouts={cfg.layouts}: unknown {unknown}; choose from default, "
+                 f"{', '.join(LAYOUTS)}")
     extractor = InceptionExtractor(cfg.inception_weights or None, cfg.device)
     dev = extractor.device
     print(f"# Inception features, fp32 (TF32 off), {dev} ({device_label(dev)}), weights "
           f"{extractor.info.fingerprint[:12]}, sFID map {'on' if cfg.spatial else 'off'}")
     rows = [time_row(extractor, lay, s, b, cfg)
             for s in cfg.sizes for b in cfg.batch_sizes for lay in cfg.layouts]
-    print_table(rows, [("layout", 14, "layout", ""), ("size", 5, "size", ""), ("batch", 6, "batch", ""), ("images", 7, "images", ""),
-                       ("seconds", 9, "seconds", ".2f"), ("images/s", 10, "images_per_s", ".2f"),
+    print_table(rows, [("layout", 14, "layout", ""), ("size", 5, "size", ""), ("batch", 6, "batch", ""),
+                       ("images", 7, "images", ""), ("seconds", 9, "seconds", ".2f"), ("images/s", 10, "images_per_s", ".2f"),
                        ("50k (min)", 10, "fid50k_minutes", ".1f")])
     return rows
 

@@ -95,9 +95,9 @@ class InceptionExtractor:
         state, self.info = load_inception_state(path)
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.net = build_network(state, self.info.has_logits, str(path)).to(self.device)
-        if self.device.type == "cpu":
-            # oneDNN's NHWC convolutions: 1.6x the images/s on 2 cores, features equal to 6e-6
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # oneDNN's NHWC convolutions on a CPU: 1.4x the images/s on 2 cores, features equal to 6e-6
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.memory_format)
         self._spatial: torch.Tensor | None = None
         layer = self.net.get_submodule(SPATIAL_LAYER)
         layer.register_forward_hook(self._keep_spatial)

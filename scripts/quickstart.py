@@ -51,13 +51,13 @@ def class_check() -> dict:
     what the grid shows (do the rows draw their class?) over all 500 samples.
     """
     import numpy as np
-    from PIL import Image
 
     from dataset.folder import ClassFolderDataset
+    from dataset.images import load_image
     from evaluation.metrics import nearest_label_agreement
 
     train = ClassFolderDataset(f"{DATA}/train", 32)
-    ref = np.stack([np.asarray(Image.open(path).convert("RGB")) for path, _ in train.samples])
+    ref = np.stack([load_image(path, 32) for path, _ in train.samples])
     with np.load(f"{RUN}/samples/samples.npz") as z:
         out = nearest_label_agreement(z["arr_0"], z["arr_1"], ref, [y for _, y in train.samples])
     out["per_class"] = {train.classes[k]: v for k, v in out.pop("per_label").items()}

@@ -24,9 +24,9 @@ from PIL import Image
 from evaluation import weights as W
 from evaluation.inception import SPATIAL_DIM, InceptionExtractor
 from evaluation.inputs import open_images
-from evaluation.metrics import (RunningGaussian, nearest_label_agreement, frechet_distance, frechet_distance_to_features,
+from evaluation.metrics import (RunningGaussian, frechet_distance, frechet_distance_to_features,
                                 gaussian_stats, inception_score, kernel_inception_distance,
-                                precision_recall)
+                                nearest_label_agreement, precision_recall)
 from evaluation.reference import Reference, load_reference, make_reference
 from evaluation.score import fid_between, sample_warnings, score
 from evaluation.script_archive import read_script_tensors
