@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,11 +27,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from ar import dist
-from ar.checkpoint import export_generator, latest_checkpoint, load_resume, save_resume
-from ar.config import ConfigError, parse_cli, to_yaml
+from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
+                           load_resume, save_resume)
+from ar.config import ConfigError, check_paths, run_cli, to_yaml
 from ar.data import BatchStream, CodeCache
 from ar.ema import EMA
-from ar.io import atomic_write_text
+from ar.io import DiskFullError, atomic_write_text, translate_disk_full
 from ar.model import ARModel, GeneratorSpec
 from ar.optim import deepspeed_config, lr_at, make_adamw
 from ar.schema import RunConfig
@@ -169,7 +170,39 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
     log.info(f"wrote {path}")
 
 
+# settings that define a run: resuming with any of them changed is refused (the others, such as
+# max_steps, micro_batch, precision or the logging intervals, may change between resumes)
+RESUME_KEYS = ("global_batch", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "schedule",
+               "min_lr_ratio", "grad_clip", "cond_dropout", "ema_decay", "ema_warmup", "engine",
+               "zero_stage", "seed")
+
+
+def run_identity(cfg: RunConfig, cache: CodeCache) -> dict:
+    """What this run trains on and the settings that define it, stored with every checkpoint."""
+    meta = cache.meta
+    data = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "grid": list(meta["grid"]),
+            "codebook_size": meta["codebook_size"], "count": meta["count"],
+            "num_classes": meta["num_classes"], "resolution": meta["resolution"],
+            "variants": list(meta["variants"])}
+    return {"data": data, "model": asdict(cfg.model),
+            "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
+
+
+def finished_run(run: Path, step: int, cfg: RunConfig) -> dict | None:
+    """The summary of a run that already reached max_steps and exported its weights."""
+    summary = run / "summary.json"
+    if step < cfg.train.max_steps or not (run / "weights" / "ema.safetensors").is_file() \
+            or not summary.is_file():
+        return None
+    try:
+        done = json.loads(summary.read_text())
+    except json.JSONDecodeError:
+        return None
+    return done if done.get("steps") == step else None
+
+
 def main(cfg: RunConfig) -> dict:
+    check_paths(cfg, {"data.codes": "create the code cache with `python -m tokenizer.encode`"})
     info = dist.init_distributed(cfg.train.device)
     log = dist.get_logger("train", info.rank)
     if cfg.train.threads > 0:
@@ -177,7 +210,23 @@ def main(cfg: RunConfig) -> dict:
     run = Path(cfg.out_dir)
     cache = CodeCache(cfg.data.codes)
     spec = make_spec(cfg, cache)
+    identity = run_identity(cfg, cache)
     micro, accum = batch_layout(cfg, info.world_size)
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        if not check_identity(ckpt, identity, run):
+            log.warning(f"{ckpt} records no data identity (an older checkpoint): resuming unchecked")
+        if checkpoint_step(ckpt) > cfg.train.max_steps:
+            raise ValueError(f"{ckpt} is past train.max_steps={cfg.train.max_steps}; raise "
+                             f"train.max_steps or choose another out_dir=")
+        done = finished_run(run, checkpoint_step(ckpt), cfg)
+        if done is not None:
+            log.info(f"{run} already finished at step {done['steps']} (weights in "
+                     f"{run / 'weights' / 'ema.safetensors'}); nothing to do. Raise "
+                     f"train.max_steps to train on, or choose another out_dir= for a new run")
+            dist.cleanup()
+            return done["final"]
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ARModel(spec).to(info.device)
@@ -188,58 +237,69 @@ def main(cfg: RunConfig) -> dict:
              f"process(es), micro batch {micro} x {accum} accumulation = global {cfg.train.global_batch}")
 
     step, samples = 0, 0
-    ckpt = latest_checkpoint(run)
+    # the losses of the steps since the last log line: kept in checkpoints, so a resumed run logs
+    # the same averages as an uninterrupted one whatever ckpt_every and log_every are
+    window, window_steps = torch.zeros(2, device=info.device), 0
     if ckpt is not None:
-        step, samples = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
+        step, samples, rank_state = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
+        if "log_window" in rank_state:
+            window, window_steps = rank_state["log_window"].to(info.device), int(rank_state["log_steps"])
         log.info(f"resumed from {ckpt} at step {step}")
-    writer = None
+    writer, saved_step, last = None, step, {}
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", to_yaml(cfg))
-        _truncate_metrics(run / "metrics.jsonl", step)
+        last = _truncate_metrics(run / "metrics.jsonl", step, log)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run / "tb"), purge_step=step)
 
     stream = BatchStream(cache, cfg.train.seed, cfg.train.cond_dropout)
     model.train()
-    window, window_steps, t_log, last = torch.zeros(2, device=info.device), 0, time.time(), {}
+    t_log = time.time()
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not info.is_main)
-    while step < cfg.train.max_steps:
-        lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
-                   cfg.train.schedule, cfg.train.min_lr_ratio)
-        for group in eng.optimizer.param_groups:
-            group["lr"] = lr
-        stats, norm = train_step(cfg, eng, model, stream, samples, info, micro, accum)
-        ema.update(model, step)
-        step, samples = step + 1, samples + cfg.train.global_batch
-        window, window_steps = window + stats, window_steps + 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            loss, acc = (dist.all_reduce_mean(window) / window_steps).tolist()
-            speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
-            last = {"step": step, "loss": loss, "acc": acc, "lr": lr, "grad_norm": float(norm),
-                    "samples_per_s": speed, "tokens_per_s": speed * spec.grid_h * spec.grid_w}
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                _log_metrics(run, writer, last)
-            window, window_steps, t_log = torch.zeros_like(window), 0, time.time()
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            save_resume(run, step, samples, model, eng.optimizer, ema, info, cfg.train.keep_ckpts,
-                        eng.deepspeed)
-            if info.is_main:
-                export_generator(run / "weights" / f"step_{step:07d}.safetensors", ema.model, to_yaml(cfg))
-                _prune(run / "weights", cfg.train.keep_ckpts)
-        if info.is_main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
-    bar.close()
-
+    try:
+        while step < cfg.train.max_steps:
+            lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
+                       cfg.train.schedule, cfg.train.min_lr_ratio)
+            for group in eng.optimizer.param_groups:
+                group["lr"] = lr
+            stats, norm = train_step(cfg, eng, model, stream, samples, info, micro, accum)
+            ema.update(model, step)
+            step, samples = step + 1, samples + cfg.train.global_batch
+            window, window_steps = window + stats, window_steps + 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                loss, acc = (dist.all_reduce_mean(window) / window_steps).tolist()
+                speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
+                last = {"step": step, "loss": loss, "acc": acc, "lr": lr, "grad_norm": float(norm),
+                        "samples_per_s": speed, "tokens_per_s": speed * spec.grid_h * spec.grid_w}
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if writer is not None:
+                    _log_metrics(run, writer, last)
+                window, window_steps, t_log = torch.zeros_like(window), 0, time.time()
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                save_resume(run, step, samples, model, eng.optimizer, ema, info, cfg.train.keep_ckpts,
+                            eng.deepspeed, identity,
+                            {"log_window": window.cpu(), "log_steps": window_steps})
+                saved_step = step
+                if info.is_main:
+                    export_generator(run / "weights" / f"step_{step:07d}.safetensors", ema.model,
+                                     to_yaml(cfg))
+                    _prune(run / "weights", cfg.train.keep_ckpts)
+            if info.is_main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
+        bar.close()
+        if info.is_main:
+            export_generator(run / "weights" / "ema.safetensors", ema.model, to_yaml(cfg))
+            write_grid(cfg, ema.model, spec, run / "grid_final.png", log)
+            atomic_write_text(run / "summary.json", json.dumps(
+                {"steps": step, "final": last, "parameters": sum(p.numel() for p in model.parameters())},
+                indent=2))
+    except DiskFullError as e:
+        raise DiskFullError(e.path, f"free space and run the same command again; the last "
+                                    f"complete checkpoint is step {saved_step}") from e
     if info.is_main:
-        export_generator(run / "weights" / "ema.safetensors", ema.model, to_yaml(cfg))
-        write_grid(cfg, ema.model, spec, run / "grid_final.png", log)
-        atomic_write_text(run / "summary.json", json.dumps(
-            {"steps": step, "final": last, "parameters": sum(p.numel() for p in model.parameters())},
-            indent=2))
         log.info(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; "
                  f"weights in {run / 'weights' / 'ema.safetensors'}")
     dist.barrier()
@@ -253,16 +313,33 @@ def _log_metrics(run: Path, writer, metrics: dict) -> None:
         if k != "step":
             writer.add_scalar(f"train/{k}", v, step)
     writer.flush()
-    with open(run / "metrics.jsonl", "a") as f:
+    path = run / "metrics.jsonl"
+    with translate_disk_full(path), open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop log lines the interrupted run wrote past its last checkpoint."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+def _truncate_metrics(path: Path, step: int, log) -> dict:
+    """After a resume, drop log lines the interrupted run wrote past its last checkpoint, and
+    lines a kill or a full disk tore; returns the last line kept (the run's latest metrics)."""
+    if not path.is_file():
+        return {}
+    keep, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            torn.append(number)
+            continue
+        if record["step"] <= step:
+            keep.append(record)
+    if torn:
+        log.warning(f"{path}: dropped unreadable line(s) {torn} (torn by an interrupted write)")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return keep[-1] if keep else {}
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -273,4 +350,4 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_cli(RunConfig, doc=__doc__))
+    run_cli(main, RunConfig, __doc__)

@@ -1,11 +1,13 @@
 """The two checkpoint kinds.
 
 Resume state, `RUN/checkpoints/step_XXXXXXX/`: model, optimiser, EMA, step, samples consumed
-(the data position) and each rank's RNG state. A checkpoint is assembled in a temporary
-folder and renamed into place, then `RUN/checkpoints/LATEST` is replaced atomically: killing
-the run at any moment leaves the previous checkpoint intact. Our files are read with
-`torch.load(weights_only=True)`; under DeepSpeed the model and optimiser go through the
-engine's own save/load API instead.
+(the data position), each rank's RNG state and unlogged loss window, and `identity.json`: what
+the run trains on and the settings that define it (a resume with other data or settings is
+refused, listing each difference). A checkpoint is assembled in a temporary folder and renamed
+into place, then `RUN/checkpoints/LATEST` is replaced atomically: killing the run at any moment
+leaves the previous checkpoint intact, and a failed write (a full disk) removes the temporary
+folder. Our files are read with `torch.load(weights_only=True)`; under DeepSpeed the model and
+optimiser go through the engine's own save/load API instead.
 
 Exported weights, `RUN/weights/*.safetensors`: the EMA parameters plus the `GeneratorSpec`
 YAML that rebuilds the model, the only thing sampling reads, loaded strictly.
@@ -13,6 +15,7 @@ YAML that rebuilds the model, the only thing sampling reads, loaded strictly.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import torch
 
 from ar import dist
 from ar.config import from_yaml, to_yaml
-from ar.io import atomic_torch_save, atomic_write_text, load_state_strict, read_weights, save_weights
+from ar.io import (DiskFullError, atomic_write_text, load_state_strict, read_weights, save_weights,
+                   translate_disk_full)
 from ar.model import ARModel, GeneratorSpec
 
 GENERATOR_KIND = "generator"
@@ -42,27 +46,42 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_resume(run_dir: str | Path, step: int, samples: int, model, optimizer, ema,
-                info: dist.DistInfo, keep: int, engine=None) -> Path:
-    """Write a resumable checkpoint; every rank must call this (it synchronises them)."""
+                info: dist.DistInfo, keep: int, engine=None, identity: dict | None = None,
+                rank_state: dict | None = None) -> Path:
+    """Write a resumable checkpoint; every rank must call this (it synchronises them).
+
+    `identity` (JSON) is stored for `check_identity`; `rank_state` holds this rank's own
+    tensors that a resume must restore (e.g. the loss window not yet logged).
+    """
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / _tag(step), root / f".{_tag(step)}.tmp"
+    failed = torch.zeros(1, device=info.device)
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if info.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(info.device)
-    torch.save(rng, tmp / f"rng_rank{info.rank}.pt")
-    if engine is not None:  # DeepSpeed writes model and optimiser shards itself, on all ranks
-        engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step},
-                               save_latest=False)
-    if info.is_main:
-        state = {"step": step, "samples": samples, "ema": ema.state_dict()}
-        if engine is None:
-            state["model"] = model.state_dict()
-            state["optimizer"] = optimizer.state_dict()
-        torch.save(state, tmp / "state.pt")
+    try:
+        with translate_disk_full(tmp):
+            state = {"cpu": torch.get_rng_state(), **(rank_state or {})}
+            if info.device.type == "cuda":
+                state["cuda"] = torch.cuda.get_rng_state(info.device)
+            torch.save(state, tmp / f"rng_rank{info.rank}.pt")
+            if engine is not None:  # DeepSpeed writes model and optimiser shards itself, on all ranks
+                engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step},
+                                       save_latest=False)
+            if info.is_main:
+                state = {"step": step, "samples": samples, "ema": ema.state_dict()}
+                if engine is None:
+                    state["model"] = model.state_dict()
+                    state["optimizer"] = optimizer.state_dict()
+                torch.save(state, tmp / "state.pt")
+                (tmp / "identity.json").write_text(json.dumps(identity or {}, indent=1) + "\n")
+    except DiskFullError:
+        failed += 1
+    if dist.all_reduce_sum(failed).item() > 0:  # every rank gives up together
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(tmp)
     dist.barrier()
     if info.is_main:
         shutil.rmtree(final, ignore_errors=True)
@@ -75,8 +94,10 @@ def save_resume(run_dir: str | Path, step: int, samples: int, model, optimizer, 
     return final
 
 
-def load_resume(path: Path, model, optimizer, ema, info: dist.DistInfo, engine=None) -> tuple[int, int]:
-    """Restore a checkpoint written by `save_resume`; returns (step, samples consumed)."""
+def load_resume(path: Path, model, optimizer, ema, info: dist.DistInfo,
+                engine=None) -> tuple[int, int, dict]:
+    """Restore a checkpoint written by `save_resume`; returns (step, samples consumed, this
+    rank's extra state, empty if the checkpoint has none for this rank)."""
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if engine is not None:
         loaded, _ = engine.load_checkpoint(str(path), tag="engine", load_module_strict=True)
@@ -86,13 +107,50 @@ def load_resume(path: Path, model, optimizer, ema, info: dist.DistInfo, engine=N
         load_state_strict(model, state["model"], f"checkpoint {path}")
         optimizer.load_state_dict(state["optimizer"])
     ema.load_state_dict(state["ema"])
+    rank_state = {}
     rng_file = path / f"rng_rank{info.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more processes than before
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and info.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], info.device)
-    return int(state["step"]), int(state["samples"])
+        rank_state = torch.load(rng_file, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rank_state.pop("cpu"))
+        cuda = rank_state.pop("cuda", None)
+        if cuda is not None and info.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, info.device)
+    return int(state["step"]), int(state["samples"]), rank_state
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds, from its name (step_XXXXXXX)."""
+    return int(path.name.split("_")[-1])
+
+
+def check_identity(path: Path, identity: dict, run_dir: str | Path) -> bool:
+    """Refuse to resume a checkpoint made with other data or settings, listing each difference.
+
+    Returns False (nothing to compare) for checkpoints written before identities were stored.
+    """
+    stored_file = path / "identity.json"
+    if not stored_file.is_file():
+        return False
+    stored = _flatten(json.loads(stored_file.read_text()))
+    now = _flatten(json.loads(json.dumps(identity)))  # tuples -> lists, as stored
+    diffs = [f"{k}: checkpoint {stored.get(k, '(absent)')!r}, now {now.get(k, '(absent)')!r}"
+             for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"{path} was made with other data or settings than this run "
+                         f"({'; '.join(diffs)}). To start a new run, choose another out_dir= "
+                         f"(or delete {Path(run_dir) / 'checkpoints'}); to continue this one, run "
+                         f"it with the settings and data it was started with")
+    return True
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def export_generator(path: str | Path, model: ARModel, run_config_yaml: str = "") -> Path:

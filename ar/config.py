@@ -18,7 +18,7 @@ import inspect
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
@@ -193,10 +193,13 @@ def parse_cli(schema: type[T], argv: Iterable[str] | None = None, doc: str = "")
             files.append(args[i + 1])
             i += 2
             continue
-        if a.startswith("--config="):
+        if a == "--debug":  # read by run_cli
+            pass
+        elif a.startswith("--config="):
             files.append(a.split("=", 1)[1])
         elif a.startswith("--"):
-            sys.exit(f"error: unknown option {a!r}; options are --config FILE and key=value overrides")
+            sys.exit(f"error: unknown option {a!r}; options are --config FILE, --debug and "
+                     f"key=value overrides")
         else:
             overrides.append(a)
         i += 1
@@ -204,3 +207,80 @@ def parse_cli(schema: type[T], argv: Iterable[str] | None = None, doc: str = "")
         return load_config(schema, files, overrides)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: the message our errors carry (file, key or value, what to do);
+    anything else keeps its type name, since it was not written for the user."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, (ValueError, OSError, RuntimeError, TypeError)):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def run_cli(main: Callable[[T], Any], schema: type[T], doc: str = "",
+            argv: Iterable[str] | None = None) -> Any:
+    """The `__main__` of every entry script: parse the command line, run `main(cfg)`, and turn
+    any error into one line on stderr and exit code 1, without a traceback (the messages name
+    the file, key or value and what to do). `--debug` re-raises, showing the traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(schema, args, doc)
+    try:
+        return main(cfg)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure of a command ends in one line
+        if "--debug" in args:
+            raise
+        sys.exit(f"error: {error_line(e)}  (--debug shows the traceback)")
+
+
+# ------------------------------------------------------------------------- range checks
+
+_INTERVAL_RE = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_BOUND_RE = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+
+
+def _in_range(value: Any, rule: str | tuple) -> bool:
+    if isinstance(rule, tuple):
+        return value in rule
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
+        return False
+    m = _BOUND_RE.match(rule)
+    if m:
+        op, bound = m.group(1), float(m.group(2))
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    m = _INTERVAL_RE.match(rule)
+    if not m:
+        raise ValueError(f"bad range rule {rule!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    return (value >= lo if m.group(1) == "[" else value > lo) and \
+        (value <= hi if m.group(4) == "]" else value < hi)
+
+
+def check_fields(cfg: Any, prefix: str, rules: dict[str, str | tuple]) -> None:
+    """Range-check fields of a config object, naming the key, the value and what is allowed.
+
+    A rule is a bound (">= 1", "> 0"), an interval ("[0, 1)", "(0, 1]") or a tuple of choices;
+    a field that is None (an optional value left unset) passes.
+    """
+    for key, rule in rules.items():
+        value = getattr(cfg, key)
+        if value is None or _in_range(value, rule):
+            continue
+        allowed = f"one of {', '.join(map(str, rule))}" if isinstance(rule, tuple) else \
+            (f"a number {rule}" if rule[0] in "<>" else f"a number in {rule}")
+        raise ConfigError(f"{prefix}{key}={value!r} is out of range; it must be {allowed}")
+
+
+def check_paths(cfg: Any, paths: dict[str, str]) -> None:
+    """Input paths that must exist, checked before any work: {dotted key: how to make it}."""
+    for key, how in paths.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}={value} not found; {how}")

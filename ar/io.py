@@ -9,30 +9,79 @@ for people to read. Nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import os
+import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+# below this many free bytes, a failed write is taken to be a full disk: torch.save reports one
+# as "enforce fail at inline_container.cc ... unexpected pos", not as ENOSPC
+_NEARLY_FULL = 64 << 20
+
+
+class DiskFullError(OSError):
+    """A write failed because the file system is full; the message names the file."""
+
+    def __init__(self, path: str | Path, advice: str = "free space and run the same command again"):
+        super().__init__(errno.ENOSPC, f"no space left while writing {path}; {advice}")
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(exc: BaseException, path: str | Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (RuntimeError, OSError)):
+        folder = Path(path)
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def translate_disk_full(path: str | Path) -> Iterator[None]:
+    """Re-raise a failed write on a full disk as DiskFullError naming `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e, path):
+            raise DiskFullError(path) from e
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path` atomically.
 
-    A crash leaves either the old file or the new one, never a half-written file.
+    A crash leaves either the old file or the new one, never a half-written file; a failure
+    (a full disk among them, raised as DiskFullError) removes the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with translate_disk_full(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with translate_disk_full(path):
+            yield tmp_path
         # mkstemp makes the file private (0600); give it the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
@@ -43,9 +92,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """`atomic_path` for a folder: filled under a temporary name, renamed into place when
+    complete; on failure the temporary folder is removed."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with translate_disk_full(final):
+            tmp.mkdir(parents=True)
+            yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> bool:
+    """Write `text` atomically; a file that already holds exactly `text` is left untouched
+    (same bytes, same mtime), so re-running a finished stage changes nothing. Returns whether
+    the file was written."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+    return True
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -68,9 +144,48 @@ def save_weights(path: str | Path, tensors: Mapping[str, torch.Tensor], kind: st
     meta = {"argen_kind": kind, "config": config_yaml, **(extra or {})}
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=meta)
+        write_safetensors(tmp, flat, meta)
     atomic_write_text(path.with_suffix(".yaml"), config_yaml)
     return path
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str]) -> None:
+    """The safetensors layout, byte-deterministic: same tensors and metadata, same bytes.
+
+    safetensors' own writer keeps the metadata in a hash map, so two exports of the same weights
+    differed in their header and sha256 (and sample.py took them for other weights). Here every
+    header key is sorted; tensors are laid out as safetensors does (wider dtypes first, then by
+    name), so each starts aligned. Files read back with safetensors' own loaders.
+    """
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name here")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            if t.numel():
+                f.write(t.view(torch.uint8).numpy().tobytes())
 
 
 def read_weights(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:

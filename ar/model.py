@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ar.conditioning import LabelEmbedder
-from ar.config import ConfigError
+from ar.config import ConfigError, check_fields
 from ar.heads import HEADS
 from ar.orders import ORDERS
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
@@ -58,6 +58,10 @@ class ModelConfig:
             raise ConfigError(f"model.cond_rope={self.cond_rope!r}; choose zero or identity")
         if self.pos_embed not in ("none", "learned"):
             raise ConfigError(f"model.pos_embed={self.pos_embed!r}; choose none or learned")
+        check_fields(self, "model.", {"dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
+                                      "n_kv_head": ">= 1", "cond_tokens": ">= 1", "rope_base": "> 0",
+                                      "token_dropout": "[0, 1)", "resid_dropout": "[0, 1)",
+                                      "ffn_dropout": "[0, 1)"})
         a = transformer_args(self)
         if a.dim % a.n_head or a.n_head % a.n_kv_head or a.head_dim % 4:
             raise ConfigError(f"model: dim {a.dim} must split into {a.n_head} heads of a width "

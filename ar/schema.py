@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ar.config import ConfigError
+from ar.config import ConfigError, check_fields
 from ar.model import ModelConfig
 from sampling.generate import SamplingConfig
 
@@ -44,21 +44,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between logged (all-reduced) losses
     ckpt_every: int = 500  # steps between resumable checkpoints (and EMA weight exports)
-    keep_ckpts: int = 2  # resumable checkpoints kept on disk
+    keep_ckpts: int = 2  # resumable checkpoints kept on disk; 0: keep all
     sample_every: int = 0  # steps between sample grids in the run folder; 0: only at the end
     threads: int = 0  # CPU threads for torch (0: torch's default)
 
     def validate(self) -> None:
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"train.schedule={self.schedule!r}; choose constant or cosine")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"train.precision={self.precision!r}; choose auto, bf16 or fp32")
-        if self.engine not in ("ddp", "deepspeed"):
-            raise ConfigError(f"train.engine={self.engine!r}; choose ddp or deepspeed")
-        if self.zero_stage not in (1, 2):
-            raise ConfigError(f"train.zero_stage={self.zero_stage}; stages 1 and 2 are supported")
-        if self.global_batch <= 0 or self.max_steps <= 0:
-            raise ConfigError("train.global_batch and train.max_steps must be positive")
+        check_fields(self, "train.", {
+            "global_batch": ">= 1", "micro_batch": ">= 1", "max_steps": ">= 1", "lr": "> 0",
+            "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
+            "schedule": ("constant", "cosine"), "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0",
+            "cond_dropout": "[0, 1)", "ema_decay": "[0, 1]", "precision": ("auto", "bf16", "fp32"),
+            "engine": ("ddp", "deepspeed"), "zero_stage": (1, 2), "device": ("auto", "cpu", "cuda"),
+            "log_every": ">= 1", "ckpt_every": ">= 1", "keep_ckpts": ">= 0", "sample_every": ">= 0",
+            "threads": ">= 0"})
 
 
 @dataclass
@@ -68,6 +66,11 @@ class GridConfig:
     seed: int = 0  # noise seed of the grid
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # how grid images are drawn
 
+    def validate(self) -> None:
+        check_fields(self, "grid.", {"per_class": ">= 1"})
+        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+            raise ConfigError(f"grid.classes={self.classes}: class ids are >= 0 (None: all classes)")
+
 
 @dataclass
 class RunConfig:
@@ -76,3 +79,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # training data
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and engine
     grid: GridConfig = field(default_factory=GridConfig)  # sample grids written during training
+
+    def validate(self) -> None:
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty; name the run folder")

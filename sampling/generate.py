@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ar.config import ConfigError
+from ar.config import check_fields
 from sampling import noise
 from sampling.logits import CFG_SCHEDULES, cfg_scale_at
 
@@ -31,10 +31,8 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = all
 
     def validate(self) -> None:
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ConfigError(f"cfg_schedule={self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ConfigError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        check_fields(self, "sampling.", {"cfg_scale": ">= 0", "cfg_schedule": tuple(CFG_SCHEDULES),
+                                         "temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]"})
 
 
 def prefill(model, rows: torch.Tensor) -> torch.Tensor:
