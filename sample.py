@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from ar import dist
 from ar.checkpoint import load_generator
-from ar.config import ConfigError, parse_cli
-from ar.io import atomic_write_text, sha256_file
+from ar.config import ConfigError, check_fields, check_paths, run_cli
+from ar.io import DiskFullError, atomic_write_text, sha256_file
 from sampling import noise
 from sampling.generate import SamplingConfig, compiled_decode_step, generate
-from sampling.outputs import decode_codes, pack_npz, save_grid, shard_done, write_shard
+from sampling.outputs import decode_codes, npz_done, pack_npz, save_grid, shard_done, write_shard
 
 
 @dataclass
@@ -52,14 +52,13 @@ class SampleRunConfig:
     compile: bool = False  # compile the decode step into a CUDA graph (GPU; first batch is slow)
 
     def validate(self) -> None:
-        if self.mode not in ("grid", "images"):
-            raise ConfigError(f"mode={self.mode!r}; choose grid or images")
-        if self.labels not in ("balanced", "random"):
-            raise ConfigError(f"labels={self.labels!r}; choose balanced or random")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision={self.precision!r}; choose auto, bf16 or fp32")
-        if min(self.batch_size, self.shard_size, self.num_images, self.per_class) <= 0:
-            raise ConfigError("batch_size, shard_size, num_images and per_class must be positive")
+        check_fields(self, "", {"mode": ("grid", "images"), "num_images": ">= 1",
+                                "labels": ("balanced", "random"), "per_class": ">= 1",
+                                "batch_size": ">= 1", "shard_size": ">= 1",
+                                "device": ("auto", "cpu", "cuda"),
+                                "precision": ("auto", "bf16", "fp32")})
+        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+            raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
 
 
 def load_models(cfg: SampleRunConfig, device: torch.device, log):
@@ -72,12 +71,29 @@ def load_models(cfg: SampleRunConfig, device: torch.device, log):
     path = cfg.tokenizer or spec.tokenizer_path
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer weights {path} not found; pass tokenizer=PATH")
+    tokenizer = load_tokenizer(path, device=device)
+    check_tokenizer_fits(spec, tokenizer, path, cfg.weights)
     if sha256_file(path) != spec.tokenizer_sha256:
         msg = f"tokenizer {path} is not the one the generator was trained on (sha256 differs)"
         if cfg.tokenizer is None:
             raise ValueError(msg + "; pass tokenizer=PATH to use it anyway")
         log.warning(msg)
-    return model, load_tokenizer(path, device=device)
+    return model, tokenizer
+
+
+def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
+    """A tokenizer with another codebook or grid would decode garbage: refuse it, whatever
+    the user asked for (another tokenizer of the same shape is only a warning)."""
+    grid = tuple(tokenizer.grid(spec.resolution))
+    problems = []
+    if tokenizer.codebook_size != spec.vocab_size:
+        problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
+    if grid != (spec.grid_h, spec.grid_w):
+        problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "
+                        f"generator's {spec.grid_h}x{spec.grid_w}")
+    if problems:
+        raise ValueError(f"tokenizer {path} does not fit generator {weights}: {'; '.join(problems)}; "
+                         f"pass the tokenizer the generator was trained on (tokenizer=PATH)")
 
 
 def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -93,8 +109,9 @@ def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, lo
     codes = torch.cat([generate(model, l, i, cfg.seed, cfg.sampling)
                        for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size))])
     images = decode_codes(tokenizer, codes)
-    save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
-    log.info(f"wrote {cfg.out} ({len(classes)} classes x {cfg.per_class})")
+    written = save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
+    done = "wrote" if written else "kept (the same grid, byte for byte)"
+    log.info(f"{done} {cfg.out} ({len(classes)} classes x {cfg.per_class})")
 
 
 def check_out_folder(cfg: SampleRunConfig, out: Path) -> None:
@@ -120,6 +137,9 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
         check_out_folder(cfg, out)
     dist.barrier()
     num_shards = -(-n // cfg.shard_size)
+    if npz_done(out / "samples.npz", n) or (not cfg.npz and all(shard_done(out, k) for k in range(num_shards))):
+        log.info(f"{out} already holds all {n} images; nothing to do")
+        return
     mine = [k for k in range(num_shards) if k % info.world_size == info.rank and not shard_done(out, k)]
     step_fn = compiled_decode_step() if cfg.compile else None
     todo = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in mine)
@@ -132,7 +152,11 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
         for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
             images.append(decode_codes(tokenizer, generate(model, l, i, cfg.seed, cfg.sampling, step_fn)))
             bar.update(len(i))
-        write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy())
+        try:
+            write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy())
+        except DiskFullError as e:
+            raise DiskFullError(e.path, "free space and run the same command again; finished "
+                                        "shards are kept") from e
     bar.close()
     log.info(f"rank {info.rank}: {todo} images in {time.time() - t0:.1f}s")
     dist.barrier()
@@ -142,6 +166,8 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
 
 
 def main(cfg: SampleRunConfig) -> None:
+    check_paths(cfg, {"weights": "export them with train_gen.py or convert a released checkpoint",
+                      "tokenizer": "pass the tokenizer weights the generator was trained on"})
     info = dist.init_distributed(cfg.device)
     log = dist.get_logger("sample", info.rank)
     model, tokenizer = load_models(cfg, info.device, log)
@@ -155,4 +181,4 @@ def main(cfg: SampleRunConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_cli(SampleRunConfig, doc=__doc__))
+    run_cli(main, SampleRunConfig, __doc__)

@@ -8,8 +8,8 @@ written one never counts. The `.npz` for FID is packed from the shards in index 
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ar.io import atomic_path
+from ar.io import atomic_dir, atomic_path
 from dataset.images import to_uint8
 
 
@@ -61,11 +61,17 @@ def grid_image(images: np.ndarray, ncol: int, row_labels: list[str] | None = Non
     return canvas
 
 
-def save_grid(images: np.ndarray, ncol: int, path: str | Path, row_labels: list[str] | None = None) -> Path:
+def save_grid(images: np.ndarray, ncol: int, path: str | Path, row_labels: list[str] | None = None) -> bool:
+    """Write the grid PNG; an existing file with the same bytes is left untouched (a re-run
+    changes nothing). Returns whether the file was written."""
     path = Path(path)
+    buffer = io.BytesIO()
+    grid_image(images, ncol, row_labels).save(buffer, format="PNG")
+    if path.is_file() and path.read_bytes() == buffer.getvalue():
+        return False
     with atomic_path(path) as tmp:
-        grid_image(images, ncol, row_labels).save(tmp, format="PNG")
-    return path
+        tmp.write_bytes(buffer.getvalue())
+    return True
 
 
 # ---------------------------------------------------------------------- PNG shards
@@ -82,15 +88,26 @@ def write_shard(root: str | Path, shard: int, ids: np.ndarray, images: np.ndarra
                 labels: np.ndarray) -> Path:
     """Write one finished shard (images named by global index) atomically."""
     final = shard_dir(root, shard)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, img in zip(ids, images):
-        Image.fromarray(img).save(tmp / f"{int(i):06d}.png")
-    (tmp / "labels.json").write_text(json.dumps({f"{int(i):06d}": int(l) for i, l in zip(ids, labels)}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        for i, img in zip(ids, images):
+            Image.fromarray(img).save(tmp / f"{int(i):06d}.png")
+        (tmp / "labels.json").write_text(json.dumps({f"{int(i):06d}": int(l) for i, l in zip(ids, labels)}))
     return final
+
+
+def npz_done(path: str | Path, count: int) -> bool:
+    """Whether `path` is a packed .npz of `count` images (read from its headers only). It is
+    written atomically, so a file that exists is complete."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            with zf.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape = read(f)[0]
+            return shape[0] == count and "arr_1.npy" in zf.namelist()
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
 
 
 def pack_npz(root: str | Path, num_shards: int, path: str | Path, expected: int | None = None,
