@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import ROOT
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from tokenizer.vq import VectorQuantizer, VQConfig, VQModel
@@ -306,3 +309,34 @@ def test_rfid_is_reported_and_missing_weights_fail_before_training(tmp_path, mon
     with pytest.raises(Exception, match="Inception weights"):
         main(train_args(data, tmp_path / "c", steps=2, **{"train.rfid": "true"}))
     assert not (tmp_path / "c" / "checkpoint.pt").exists()  # failed before any training
+
+
+def test_resume_with_other_settings_is_refused_and_rerun_keeps_every_byte(tmp_path):
+    from tokenizer.train import main
+
+    from test_train_faults import snapshot
+
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    main(train_args(data, out, steps=3))
+    before = snapshot(out)
+    assert main(train_args(data, out, steps=3))["steps"] == 3  # finished: reported, not redone
+    assert snapshot(out) == before
+    with pytest.raises(ValueError, match=r"model.codebook_size: checkpoint 16, now 32.*another out_dir="):
+        main(train_args(data, out, steps=6, **{"model.codebook_size": 32}))
+    with pytest.raises(ValueError, match=r"train.lr: checkpoint 0.002, now 0.01"):
+        main(train_args(data, out, steps=6, **{"train.lr": 0.01}))
+    assert snapshot(out) == before
+
+
+def test_bad_tokenizer_settings_are_one_line_errors(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=1)
+    for extra, key in ((("train.ckpt_every=0",), "train.ckpt_every=0"),
+                       (("data.root=/nowhere/images",), "data.root=/nowhere/images not found")):
+        args = train_args(data, tmp_path / "r", steps=2) + list(extra)
+        proc = subprocess.run([sys.executable, "-m", "tokenizer.train", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert lines[-1].startswith("error: ") and key in lines[-1]
+    assert not (tmp_path / "r").exists()

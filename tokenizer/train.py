@@ -11,6 +11,8 @@ losses, and optionally a PatchGAN hinge loss with VQGAN's adaptive weight.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -27,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ar.config import ConfigError, parse_cli, to_yaml
+from ar.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
 from ar.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
-from ar.io import atomic_torch_save, atomic_write_text
+from ar.io import DiskFullError, atomic_torch_save, atomic_write_text
 from dataset.folder import ClassFolderDataset
 from dataset.images import save_png, to_uint8
 from tokenizer import build_tokenizer, save_tokenizer
@@ -43,6 +45,9 @@ class DataConfig:
     resolution: int = 256  # training images are center-cropped to this side
     eval_root: str = ""  # images for the final PSNR/usage and grid; empty: use data.root
     in_memory: bool = False  # decode every image once into RAM (small datasets: much faster on CPU)
+
+    def validate(self) -> None:
+        check_fields(self, "data.", {"resolution": ">= 1"})
 
 
 @dataclass
@@ -75,12 +80,16 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", or "bf16" autocast (GPU; the quantiser stays float32)
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32' or 'bf16'")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"train.schedule={self.schedule!r}: use 'constant' or 'cosine'")
-        if self.batch_size < 1 or self.steps < 0:
-            raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
+        check_fields(self, "train.", {
+            "batch_size": ">= 1", "steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
+            "warmup": ">= 0", "schedule": ("constant", "cosine"), "grad_clip": ">= 0",
+            "l1_weight": ">= 0", "codebook_weight": ">= 0", "restart_dead": ">= 0",
+            "usage_window": ">= 1", "disc_start": ">= 0", "disc_weight": ">= 0",
+            "disc_layers": ">= 1", "disc_ch": ">= 1", "eval_images": ">= 1", "num_workers": ">= 0",
+            "log_every": ">= 1", "ckpt_every": ">= 1", "device": ("auto", "cpu", "cuda"),
+            "precision": ("fp32", "bf16")})
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas} is out of range; it must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -225,7 +234,34 @@ def track_codes(raw, stats, t: TrainConfig, step: int) -> int:
 
 # ---------------------------------------------------------------- checkpoints and outputs
 
-def save_checkpoint(path, raw, disc, opt, opt_d, step) -> None:
+# settings that define a tokenizer run: a resume with any of them changed is refused
+RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "grad_clip",
+               "l1_weight", "codebook_weight", "restart_dead", "gan", "disc_start", "disc_weight",
+               "disc_layers", "disc_ch", "seed")
+
+
+def run_identity(cfg, dataset) -> dict:
+    """The training images and the settings that define the run, stored in the checkpoint."""
+    return {"data": {"images": len(dataset), "classes": list(dataset.classes),
+                     "resolution": cfg.data.resolution},
+            "model": dataclasses.asdict(cfg.model),
+            "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
+
+
+def check_identity(path, stored: dict | None, identity: dict) -> None:
+    """Refuse to resume a checkpoint made with other images or settings, naming each one."""
+    if stored is None:  # written before identities were stored
+        return
+    now = json.loads(json.dumps(identity))  # tuples -> lists, as stored
+    diffs = [f"{part}.{k}: checkpoint {stored[part].get(k)!r}, now {v!r}"
+             for part in now for k, v in now[part].items() if stored.get(part, {}).get(k) != v]
+    if diffs:
+        raise ValueError(f"{path} was made with other images or settings than this run "
+                         f"({'; '.join(diffs)}). To start a new run, choose another out_dir= (or "
+                         f"delete {path}); to continue this one, run it with its original settings")
+
+
+def save_checkpoint(path, raw, disc, opt, opt_d, step, identity=None) -> None:
     q = raw.quantize
     atomic_torch_save({
         "model": raw.state_dict(), "optimizer": opt.state_dict(),
@@ -233,11 +269,13 @@ def save_checkpoint(path, raw, disc, opt, opt_d, step) -> None:
         "disc_optimizer": opt_d.state_dict() if opt_d is not None else {},
         "step": step, "rng": torch.get_rng_state(),
         "usage": {"last_used": q.last_used.cpu(), "track_step": q.track_step.cpu()},
+        "identity": identity,
     }, path)
 
 
-def load_checkpoint(path, raw, disc, opt, opt_d) -> int:
+def load_checkpoint(path, raw, disc, opt, opt_d, identity=None) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    check_identity(path, ckpt.get("identity"), identity or {})
     raw.load_state_dict(ckpt["model"], strict=True)
     opt.load_state_dict(ckpt["optimizer"])
     if disc is not None and ckpt["discriminator"]:
@@ -294,7 +332,14 @@ def save_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, cols: int = 8) -
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
-    cfg = parse_cli(TokenizerTrainConfig, argv, __doc__)
+    return run(parse_cli(TokenizerTrainConfig, argv, __doc__))
+
+
+def run(cfg: TokenizerTrainConfig) -> dict:
+    check_paths(cfg, {"data.root": "point it at a class-folder dataset (root/<class>/<images>)",
+                      "data.eval_root": "point it at held-out class folders, or leave it empty",
+                      "train.rfid_ref": f"build it with `python eval_fid.py mode=ref images=HELDOUT "
+                                        f"out={cfg.train.rfid_ref}`"})
     t = cfg.train
     info = init_distributed(t.device)
     log = get_logger("tokenizer.train", info.rank)
@@ -307,16 +352,15 @@ def main(argv=None) -> dict:
             from evaluation.weights import resolve_weights
 
             resolve_weights()
-            if t.rfid_ref and not Path(t.rfid_ref).is_file():
-                raise SystemExit(f"error: train.rfid_ref={t.rfid_ref} not found; build it with "
-                                 f"`python eval_fid.py mode=ref images=HELDOUT out={t.rfid_ref}`")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
     torch.manual_seed(t.seed)  # same init on every rank
     dataset = ClassFolderDataset(cfg.data.root, cfg.data.resolution)
     log.info(f"{dataset}; tokenizer grid {cfg.data.resolution // 2 ** (len(cfg.model.ch_mult) - 1)}^2")
 
-    raw, disc, opt, opt_d, start = build(cfg, info, log)
+    identity = run_identity(cfg, dataset)
+    raw, disc, opt, opt_d, start = build(cfg, info, log, identity)  # refuses other settings
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
     if start >= t.steps and (out / "summary.json").is_file() and (out / "vq.safetensors").is_file():
         log.info(f"{out} already holds the finished run; nothing to do")
         cleanup()
@@ -329,7 +373,7 @@ def main(argv=None) -> dict:
     images = load_all(dataset, t.num_workers) if cfg.data.in_memory else None
     writer = make_writer(out) if info.is_main else None
 
-    t0, restarted, ckpt_path = time.time(), 0, out / "checkpoint.pt"
+    t0, restarted, ckpt_path, saved = time.time(), 0, out / "checkpoint.pt", start
     bar = tqdm(total=t.steps, initial=start, disable=not info.is_main, desc="vq", dynamic_ncols=True)
     for step, x in enumerate(batches(cfg, dataset, images, start, info), start=start):
         x = x.to(info.device, non_blocking=True)
@@ -348,10 +392,24 @@ def main(argv=None) -> dict:
         bar.update(1)
         if (step + 1) % t.ckpt_every == 0 and step + 1 < t.steps:
             if info.is_main:
-                save_checkpoint(ckpt_path, raw, disc, opt, opt_d, step + 1)
+                with disk_full_advice(saved):
+                    save_checkpoint(ckpt_path, raw, disc, opt, opt_d, step + 1, identity)
+            saved = step + 1
             barrier()
     bar.close()
-    return finish(cfg, raw, disc, opt, opt_d, info, log, writer, time.time() - t0, start)
+    with disk_full_advice(saved):
+        return finish(cfg, raw, disc, opt, opt_d, info, log, writer, time.time() - t0, start, identity)
+
+
+@contextlib.contextmanager
+def disk_full_advice(saved: int):
+    """Name the checkpoint a re-run will resume from when a write fails on a full disk."""
+    try:
+        yield
+    except DiskFullError as e:
+        last = f"step {saved}" if saved else "none yet (the run starts over)"
+        raise DiskFullError(e.path, f"free space and run the same command again; the last "
+                                    f"complete checkpoint is {last}") from e
 
 
 def _no_buffer_sync() -> dict:
@@ -360,7 +418,7 @@ def _no_buffer_sync() -> dict:
     return {"forward_sync_buffers" if new else "broadcast_buffers": False}
 
 
-def build(cfg, info, log):
+def build(cfg, info, log, identity):
     """Tokenizer, optional discriminator, their optimizers; resumed from the checkpoint if any."""
     t = cfg.train
     raw = build_tokenizer(cfg.model).to(info.device)
@@ -369,7 +427,7 @@ def build(cfg, info, log):
     opt_d = make_optimizer(disc.parameters(), t) if disc is not None else None
     ckpt_path, start = Path(cfg.out_dir) / "checkpoint.pt", 0
     if ckpt_path.is_file():
-        start = load_checkpoint(ckpt_path, raw, disc, opt, opt_d)
+        start = load_checkpoint(ckpt_path, raw, disc, opt, opt_d, identity)
         log.info(f"resumed from {ckpt_path} at step {start}")
     return raw, disc, opt, opt_d, start
 
@@ -390,11 +448,11 @@ def log_scalars(writer, bar, scalars, window_usage, step) -> None:
                     usage=f"{window_usage:.2f}")
 
 
-def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start) -> dict:
+def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start, identity) -> dict:
     out, t = Path(cfg.out_dir), cfg.train
     summary = {}
     if info.is_main:
-        save_checkpoint(out / "checkpoint.pt", raw, disc, opt, opt_d, t.steps)
+        save_checkpoint(out / "checkpoint.pt", raw, disc, opt, opt_d, t.steps, identity)
         save_tokenizer(raw, cfg.model, out / "vq.safetensors")
         eval_set = ClassFolderDataset(cfg.data.eval_root or cfg.data.root, cfg.data.resolution)
         ev = evaluate(raw, eval_set, t.eval_images, info.device, out, keep_images=t.rfid)
@@ -429,4 +487,4 @@ def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(run, TokenizerTrainConfig, __doc__)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar.config import ConfigError
+from ar.config import ConfigError, check_fields
 from tokenizer.base import ImageTokenizer
 
 
@@ -45,6 +45,10 @@ class VQConfig:
             raise ConfigError("model.ch_mult must list at least one level")
         if self.codebook_size < 2:
             raise ConfigError(f"model.codebook_size={self.codebook_size} must be at least 2")
+        check_fields(self, "model.", {"codebook_dim": ">= 1", "num_res_blocks": ">= 0",
+                                      "z_channels": ">= 1", "dropout": "[0, 1)", "commit_beta": ">= 0"})
+        if min(self.ch_mult) < 1:
+            raise ConfigError(f"model.ch_mult={self.ch_mult}: every multiplier must be >= 1")
 
 
 # ---------------------------------------------------------------- helpers
