@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ar.config import ConfigError, parse_cli
+from ar.config import ConfigError, run_cli
 from ar.io import atomic_write_text
 from dataset.images import save_png
 
@@ -286,6 +285,8 @@ class ShapesConfig:
             raise ConfigError(f"num_heldout={self.num_heldout}: use 0 or at least {len(CLASSES)}")
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed}: must be >= 0")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"out={self.out} is a file; choose a folder for the dataset")
 
 
 def _settings(cfg: ShapesConfig) -> dict:
@@ -377,16 +378,18 @@ def generate(cfg: ShapesConfig) -> dict:
             "seconds": time.perf_counter() - start, **settings}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_cli(ShapesConfig, argv, __doc__)
-    try:
-        summary = generate(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+def run(cfg: ShapesConfig) -> dict:
+    """Write the dataset and print what was done; returns the summary."""
+    summary = generate(cfg)
     print(f"shapes: {cfg.num_train} train + {cfg.num_heldout} heldout images at "
           f"{cfg.resolution}x{cfg.resolution} in {summary['out']} ({summary['written']} written, "
           f"{summary['skipped']} already there, {summary['seconds']:.1f}s)")
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command: any error ends in one `error: ...` line (SystemExit), as on the command line."""
+    return run_cli(run, ShapesConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     make quickstart            (or: .venv/bin/python scripts/quickstart.py)
 
-Each stage is the same command a user runs by hand (printed before it runs), so this file is
-also the pipeline's shortest documentation. Every stage skips or resumes finished work, so
-re-running after an interruption continues. Stage wall times go to runs/quickstart/timings.json;
-the last step checks that the samples draw their class (runs/quickstart/class_check.json).
+Each stage is the same command a user runs by hand (printed before it runs, and given in the
+README, which a test keeps equal to STAGES), so this file is also the pipeline's shortest
+documentation. Every stage skips or resumes finished work, so re-running after an interruption
+continues, and re-running a finished pipeline changes no file and says so. Stage wall times go
+to runs/quickstart/timings.json; the last step checks that the samples draw their class
+(runs/quickstart/class_check.json).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, str(ROOT))
+
+from ar.io import atomic_write_text  # noqa: E402
 RUN = "runs/quickstart"
 DATA = "data/shapes32"
 PY = sys.executable
@@ -44,6 +50,24 @@ STAGES = [
 ]
 
 
+def display(cmd: list[str]) -> str:
+    """A stage's command as a person types it (and as the README gives it)."""
+    return shlex.join(c.replace(PY, "python") for c in cmd)
+
+
+def files_state() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file the pipeline writes: a stage that changed none did no work."""
+    state = {}
+    for folder in (DATA, RUN):
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if path != os.path.join(RUN, "timings.json"):
+                    st = os.stat(path)
+                    state[path] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
 def class_check() -> dict:
     """How often a sample's nearest training image, in pixels, is of the sample's class.
 
@@ -61,28 +85,38 @@ def class_check() -> dict:
     with np.load(f"{RUN}/samples/samples.npz") as z:
         out = nearest_label_agreement(z["arr_0"], z["arr_1"], ref, [y for _, y in train.samples])
     out["per_class"] = {train.classes[k]: v for k, v in out.pop("per_label").items()}
-    Path(RUN, "class_check.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(Path(RUN, "class_check.json"), json.dumps(out, indent=2) + "\n")
     return out
 
 
 def main() -> None:
     os.chdir(ROOT)
-    timings = {}
+    timings, worked = {}, []
     t_all = time.time()
     for name, cmd in STAGES:
-        print(f"\n=== {name}: {shlex.join(c.replace(PY, 'python') for c in cmd)}", flush=True)
-        t0 = time.time()
+        print(f"\n=== {name}: {display(cmd)}", flush=True)
+        t0, before = time.time(), files_state()
         if subprocess.run(cmd).returncode != 0:
             sys.exit(f"quickstart: stage '{name}' failed; fix the error above and re-run "
                      f"`make quickstart` (finished stages are skipped or resumed)")
         timings[name] = round(time.time() - t0, 1)
-    t0 = time.time()
+        if files_state() != before:
+            worked.append(name)
+        else:
+            print(f"=== {name}: already complete, no file changed", flush=True)
+    t0, before = time.time(), files_state()
     check = class_check()
     timings["class check"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_all, 1)
-    Path(RUN).mkdir(parents=True, exist_ok=True)
-    Path(RUN, "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    print("\n=== quickstart finished\n" + "\n".join(f"  {k:<10} {v:>7.1f} s" for k, v in timings.items()))
+    if files_state() != before:
+        worked.append("class check")
+    if worked:  # the timings of a run that did nothing would overwrite the real ones
+        atomic_write_text(Path(RUN, "timings.json"), json.dumps(timings, indent=2) + "\n")
+        print("\n=== quickstart finished (stages that did work: " + ", ".join(worked) + ")\n"
+              + "\n".join(f"  {k:<10} {v:>7.1f} s" for k, v in timings.items()))
+    else:
+        print(f"\n=== quickstart: every stage was already complete; nothing changed "
+              f"({RUN}/timings.json keeps the times of the run that did the work)")
     vq = json.loads(Path(RUN, "vq", "summary.json").read_text())
     gen = json.loads(Path(RUN, "gen", "summary.json").read_text())
     fid = json.loads(Path(RUN, "metrics.json").read_text())["metrics"]

@@ -69,6 +69,6 @@ def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, cla
             "variants": ["original", "hflip"], "count": n, "num_classes": classes,
             "class_names": [f"c{i}" for i in range(classes)],
             "label_histogram": np.bincount(labels, minlength=classes).tolist(),
-            "shards": shards, "captions": None, "source": str(path)}
+            "shards": shards, "captions": None, "source": str(path), "skipped": []}
     (path / "meta.json").write_text(json.dumps(meta))
     return path

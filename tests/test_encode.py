@@ -1,4 +1,5 @@
-"""tokenizer.encode: the code-cache format, resume, refusal of mixed settings, read_meta."""
+"""tokenizer.encode: the code-cache format, resume, re-runs after the file list changed, bad
+images, refusal of mixed settings, config range checks, read_meta."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ar.data import CodeCache
 from dataset.folder import ClassFolderDataset
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.encode import main, read_meta
@@ -60,7 +62,9 @@ def test_encode_writes_the_cache_format(folder, weights, tmp_path):
     assert meta["num_classes"] == 2 and meta["class_names"] == ["cat", "dog"]
     assert meta["label_histogram"] == [4, 4] and meta["captions"] is None
     assert [s["count"] for s in meta["shards"]] == [3, 3, 2]
-    assert meta["source"] == str(folder.resolve())
+    assert meta["source"] == str(folder.resolve()) and meta["skipped"] == []
+    record = json.loads((out / "shard_00001.json").read_text())
+    assert record["count"] == 3 and record["files"] == 3 and record["skipped"] == []
 
     codes, labels = load_codes(out, meta)
     assert codes.dtype == np.uint16 and codes.shape == (8, 2, 64)
@@ -84,12 +88,17 @@ def test_captions_are_copied(folder, weights, tmp_path):
     assert rows[5] == {"index": 5, "caption": "a dog 1"} and len(rows) == 8
 
 
-def test_rerun_skips_finished_shards(folder, weights, tmp_path):
+def snapshot(out: Path) -> dict:
+    """Every file of a folder (hidden ones too): name -> (bytes, mtime)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+
+
+def test_rerun_of_a_complete_cache_changes_no_file(folder, weights, tmp_path):
     out = tmp_path / "codes"
-    run(folder, weights, out)
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
-    run(folder, weights, out)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")} == stamps
+    meta = run(folder, weights, out)
+    before = snapshot(out)
+    assert run(folder, weights, out) == meta
+    assert snapshot(out) == before
 
 
 def test_half_finished_cache_resumes_identically(folder, weights, tmp_path):
@@ -107,6 +116,32 @@ def test_half_finished_cache_resumes_identically(folder, weights, tmp_path):
     after = load_codes(out, meta2)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_leftovers_of_killed_writes_are_redone_and_removed(folder, weights, tmp_path):
+    out = tmp_path / "codes"
+    run(folder, weights, out)
+    reference = {n: b for n, (b, _) in snapshot(out).items()}
+    (out / "meta.json").unlink()
+    (out / "codes_00001.npy").unlink()  # killed after its labels and record were rewritten
+    (out / "labels_00002.npy").write_bytes(b"not an array")  # damaged by hand
+    (out / "shard_00002.json").write_text("{")
+    (out / ".codes_00002.npy.x1y2.tmp").write_bytes(b"half")  # a write killed before its rename
+    (out / ".meta.json.z3.tmp").write_text("{")
+    run(folder, weights, out)
+    assert {n: b for n, (b, _) in snapshot(out).items()} == reference
+
+
+def test_a_cache_of_the_previous_layout_is_completed_not_refused(folder, weights, tmp_path):
+    out = tmp_path / "codes"
+    meta = run(folder, weights, out)
+    reference = {n: b for n, (b, _) in snapshot(out).items()}
+    settings = json.loads((out / "encode_config.json").read_text())
+    (out / "encode_config.json").write_text(json.dumps({**settings, "count": 8}))  # old key
+    for record in out.glob("shard_*.json"):  # the old layout had no shard records
+        record.unlink()
+    assert run(folder, weights, out) == meta
+    assert {n: b for n, (b, _) in snapshot(out).items()} == reference
 
 
 def test_mismatched_settings_are_refused(folder, weights, tmp_path):
@@ -139,3 +174,107 @@ def test_read_meta_errors(tmp_path):
     (bad / "meta.json").write_text(json.dumps({"format": "argen-code-cache", "version": 2}))
     with pytest.raises(ValueError, match="version 1"):
         read_meta(bad)
+
+
+def test_changed_file_list_redoes_only_the_shards_it_changes(folder, weights, tmp_path):
+    out = tmp_path / "codes"
+    run(folder, weights, out)  # shards: cat 0-2 | cat 3, dog 0-1 | dog 2-3
+    kept = snapshot(out)
+    (folder / "cat" / "3.png").unlink()
+    (folder / "dog" / "3.png").unlink()
+    meta = run(folder, weights, out)  # was refused before ("count: folder has 8, this run 6")
+    after = snapshot(out)
+    assert [s["count"] for s in meta["shards"]] == [3, 3] and meta["count"] == 6
+    for name in ("codes_00000.npy", "labels_00000.npy", "shard_00000.json"):
+        assert after[name] == kept[name]  # same bytes, not rewritten
+    assert after["codes_00001.npy"] != kept["codes_00001.npy"]
+    assert not any(n.endswith("00002.npy") or n == "shard_00002.json" for n in after)
+    fresh = tmp_path / "fresh"
+    assert run(folder, weights, fresh) == meta
+    assert {n: b for n, (b, _) in snapshot(fresh).items()} == {n: b for n, (b, _) in after.items()}
+
+
+def test_a_new_class_renumbers_labels_and_redoes_their_shards(folder, weights, tmp_path):
+    out = tmp_path / "codes"
+    run(folder, weights, out)
+    (folder / "ant").mkdir()  # sorts first: every label moves up by one
+    (folder / "cat" / "0.png").rename(folder / "ant" / "0.png")
+    meta = run(folder, weights, out)
+    assert meta["class_names"] == ["ant", "cat", "dog"] and meta["label_histogram"] == [1, 3, 4]
+    _, labels = load_codes(out, meta)
+    assert labels.tolist() == [0, 1, 1, 1, 2, 2, 2, 2]
+
+
+def corrupt(path: Path) -> Path:
+    path.write_bytes(b"not a png at all")
+    return path
+
+
+def test_a_bad_image_stops_the_run_naming_it(folder, weights, tmp_path):
+    corrupt(folder / "dog" / "1.png")  # item 5, in shard 1
+    out = tmp_path / "codes"
+    with pytest.raises(SystemExit, match=r"dog/1\.png.*delete it.*skip_bad_images=true"):
+        run(folder, weights, out)
+    assert (out / "codes_00000.npy").is_file() and not (out / "meta.json").exists()
+    with pytest.raises(SystemExit, match=r"dog/1\.png.*skip_bad_images=true"):  # from a worker too
+        run(folder, weights, tmp_path / "codes_w", num_workers=1, shard_size=8)
+
+
+def test_skip_bad_images_leaves_them_out_and_lists_them(folder, weights, tmp_path):
+    lines = [json.dumps({"file": f"{c}/{i}.png", "caption": f"a {c} {i}"})
+             for c in ("cat", "dog") for i in range(4)]
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    corrupt(folder / "cat" / "1.png")
+    corrupt(folder / "dog" / "2.png")
+    out = tmp_path / "codes"
+    meta = run(folder, weights, out, skip_bad_images="true")
+    assert meta["skipped"] == ["cat/1.png", "dog/2.png"] and meta["count"] == 6
+    assert [s["count"] for s in meta["shards"]] == [2, 3, 1] and meta["label_histogram"] == [3, 3]
+    codes, labels = load_codes(out, meta)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == ["a cat 0", "a cat 2", "a cat 3", "a dog 0", "a dog 1",
+                                            "a dog 3"]
+    ds = ClassFolderDataset(folder, 32)
+    good = [i for i, (p, _) in enumerate(ds.samples) if not p.endswith(("cat/1.png", "dog/2.png"))]
+    x = torch.stack([ds[i][0] for i in good])
+    np.testing.assert_array_equal(codes[:, 0], load_tokenizer(weights).encode(x).flatten(1).numpy())
+    assert CodeCache(out).count == 6
+
+    stamps = snapshot(out)
+    assert run(folder, weights, out, skip_bad_images="true") == meta
+    assert snapshot(out) == stamps  # complete: nothing redone
+    with pytest.raises(SystemExit, match=r"cat/1\.png.*skip_bad_images=true"):
+        run(folder, weights, out)  # without the option a skipped file is an error again
+    assert snapshot(out) == stamps  # ... and the failed run changed nothing
+
+    rng = np.random.default_rng(5)  # a good copy replaces a skipped file: its shard is redone
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(image).save(folder / "cat" / "1.png")
+    meta = run(folder, weights, out, skip_bad_images="true")
+    assert meta["skipped"] == ["dog/2.png"] and meta["count"] == 7
+    assert snapshot(out)["codes_00001.npy"] == stamps["codes_00001.npy"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size=0: must be >= 1"),
+    ("shard_size=0", "shard_size=0: must be >= 1"),
+    ("num_workers=-1", "num_workers=-1: must be >= 0"),
+    ("data.resolution=0", "data.resolution=0: must be >= 1"),
+    ("device=tpu", "device='tpu': choose one of auto, cpu, cuda"),
+    ("data.root=NOWHERE", "data.root=.*nowhere not found.*dataset.shapes"),
+    ("tokenizer=NOWHERE", "tokenizer=.*nowhere not found.*tokenizer.train"),
+])
+def test_config_range_checks_name_the_key(folder, weights, tmp_path, override, message):
+    override = override.replace("NOWHERE", str(tmp_path / "nowhere"))
+    key = override.split("=")[0]
+    with pytest.raises(SystemExit, match=f"^error: config .*{message}") as e:
+        run(folder, weights, tmp_path / "codes", **{key: override.split("=", 1)[1]})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "codes").exists()
+
+
+def test_out_that_is_a_file_is_refused(folder, weights, tmp_path):
+    (tmp_path / "codes").write_text("")
+    with pytest.raises(SystemExit, match="out=.*codes is a file"):
+        run(folder, weights, tmp_path / "codes")
