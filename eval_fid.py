@@ -4,10 +4,10 @@
     python scripts/get_inception.py
     # score an ADM-layout .npz (arr_0 uint8 NHWC, arr_1 labels) or a folder of PNGs
     python eval_fid.py images=samples/RUN/samples.npz ref=VIRTUAL_imagenet256_labeled.npz
-    python eval_fid.py images=runs/quickstart/samples/samples.npz ref=runs/quickstart/ref.npz
+    python eval_fid.py images=runs/quickstart/samples/samples.npz ref=runs/quickstart/heldout_ref.npz
     python eval_fid.py images=samples/RUN ref=REF.npz out=RUN/metrics.json metrics=[fid,pr]
     # build a reference from class folders (ADM center crop) or an .npz
-    python eval_fid.py mode=ref images=data/shapes32/heldout resolution=32 out=runs/quickstart/ref.npz
+    python eval_fid.py mode=ref images=data/shapes32/heldout resolution=32 out=runs/quickstart/heldout_ref.npz
     python eval_fid.py mode=ref images=imagenet/val resolution=256 out=imagenet256_val_ref.npz
 
 Metrics follow the ADM evaluator (guided-diffusion evaluations/evaluator.py): FID on pool_3,
@@ -15,22 +15,38 @@ sFID on mixed_6/conv[..., :7], IS over 10 splits (needs weights with logits), pr
 with k=3 against the reference's arr_0 images, and KID. metrics.json records every value with
 its provenance; a one-line summary goes to stdout. Inception weights are looked up as
 inception_weights=PATH, then $ARGEN_INCEPTION_WEIGHTS, then the cache; nothing is downloaded.
+
+Re-running is safe: a metrics.json (or reference) made from the same images, reference,
+settings and network is kept as it is (force=true recomputes it). Bad input (a missing path, a
+file that is not an .npz, a reference with missing or NaN statistics, fewer than 2 images, an
+unreadable image) stops before the network loads, with one line naming the file and what to do;
+--debug shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List
 
-from ar.config import ConfigError, parse_cli
+from ar.config import ConfigError, run_cli
 from ar.dist import get_logger
 from ar.io import atomic_write_text
-from evaluation import METRICS, InceptionExtractor, make_reference, score
-from evaluation.reference import HOW_TO_GET_REF
-from evaluation.score import summary_line
+from evaluation import METRICS, InceptionExtractor, load_reference, make_reference, score
+from evaluation.inputs import NPZ_ADVICE, ImageSource, open_images, require_two_images
+from evaluation.reference import HOW_TO_GET_REF, Reference
+from evaluation.score import kept_result, score_settings, summary_line
+
+DEVICES = ("auto", "cpu", "cuda")
+# the smallest meaningful value of each count, and what it counts (for the error message)
+AT_LEAST = {"batch_size": (1, "images per Inception forward pass"),
+            "num_workers": (0, "decoding processes; 0 decodes in the main process"),
+            "kid_subset_size": (2, "KID's unbiased estimate needs pairs of images"),
+            "keep_images": (0, "reference images kept as arr_0; 0 keeps none"),
+            "num_expected": (0, "0 turns the sample-count check off"),
+            "resolution": (0, "0 uses the images as stored")}
+KEPT_NOTE = "(kept: same images, reference, settings and network; force=true recomputes)"
 
 
 @dataclass
@@ -43,7 +59,7 @@ class EvalConfig:
     inception_weights: str = ""  # weights file; empty: $ARGEN_INCEPTION_WEIGHTS, then the cache
     resolution: int = 0  # ref mode: ADM center crop to R x R (ImageNet class folders); 0: as stored
     keep_images: int = 10000  # ref mode: images stored as arr_0 for P/R and KID (ADM keeps 10k)
-    force: bool = False  # ref mode: rebuild even if out was made from the same images and settings
+    force: bool = False  # recompute even if out was made from the same images, ref, settings, network
     num_expected: int = 50000  # sample count the numbers should be comparable at; 0: no check
     allow_lossy: bool = False  # score JPEG/WebP samples anyway (with a warning) instead of refusing
     kid_subset_size: int = 1000  # KID subset size (capped by the smaller set), 100 subsets
@@ -63,8 +79,14 @@ class EvalConfig:
         bad = sorted(set(self.metrics) - set(METRICS))
         if bad:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
-        if self.batch_size < 1 or self.resolution < 0 or self.keep_images < 0:
-            raise ConfigError("batch_size must be >= 1, resolution and keep_images >= 0")
+        if not self.metrics:
+            raise ConfigError(f"metrics=[] asks for nothing; choose some of {list(METRICS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}; choose one of {', '.join(DEVICES)}")
+        for key, (least, meaning) in AT_LEAST.items():
+            value = getattr(self, key)
+            if value < least:
+                raise ConfigError(f"{key}={value} is out of range: it must be >= {least} ({meaning})")
 
 
 def default_out(images: str) -> Path:
@@ -72,43 +94,86 @@ def default_out(images: str) -> Path:
     return (path if path.is_dir() else path.parent) / "metrics.json"
 
 
-def main(cfg: EvalConfig, extractor: InceptionExtractor | None = None) -> dict:
-    """Run one mode; `extractor` lets a caller (tests, a driver script) reuse a loaded network."""
-    log = get_logger("eval_fid")
-    # fail before spending seconds on loading the network
+def output_path(cfg: EvalConfig) -> Path:
+    return Path(cfg.out) if cfg.out else default_out(cfg.images)
+
+
+def check_output(cfg: EvalConfig) -> None:
+    """`out` must be a file that is none of the inputs (writing it would destroy them)."""
+    out = output_path(cfg)
+    if out.is_dir():
+        name = "ref.npz" if cfg.mode == "ref" else "metrics.json"
+        raise ValueError(f"out={out} is a folder; name the file to write, e.g. out={out / name}")
+    inputs = [cfg.images] + ([cfg.ref] if cfg.mode == "score" else [])
+    for given in inputs:
+        if out.resolve() == Path(given).resolve():
+            raise ValueError(f"out={out} is also an input ({given}); writing it would destroy "
+                             f"that input, so choose another out")
+
+
+def open_inputs(cfg: EvalConfig) -> tuple[ImageSource, Reference | None]:
+    """The images and, in score mode, the reference, opened and checked: paths, file types,
+    keys, finite statistics, readable image headers, at least 2 images. All of it is cheap,
+    so a bad input fails in a second rather than after the network has loaded."""
     if not Path(cfg.images).exists():
-        raise FileNotFoundError(f"images={cfg.images} not found; pass an ADM .npz (arr_0 uint8 "
-                                f"NHWC) or a folder of images")
-    if cfg.mode == "score" and not Path(cfg.ref).is_file():
+        raise FileNotFoundError(f"images={cfg.images} not found; {NPZ_ADVICE}")
+    if cfg.mode == "score" and not Path(cfg.ref).exists():
         raise FileNotFoundError(f"ref={cfg.ref} not found; {HOW_TO_GET_REF}")
-    extractor = extractor or InceptionExtractor(cfg.inception_weights or None, cfg.device)
-    log.info(f"Inception {extractor.info.path} (fingerprint {extractor.info.fingerprint[:12]}, "
-             f"logits: {extractor.info.has_logits}) on {extractor.device}")
-    if cfg.mode == "ref":
-        meta = make_reference(cfg.images, cfg.out, resolution=cfg.resolution,
-                              keep_images=cfg.keep_images, extractor=extractor,
-                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, progress=cfg.progress, force=cfg.force)
-        done = "written"
-        if meta.get("skipped"):
-            done = "kept (same files, settings and network; force=true rebuilds it)"
-        print(f"{cfg.out} {done}: statistics of {meta['num_images']} images of "
-              f"{meta['image_size'][1]}x{meta['image_size'][0]}, {meta['kept_images']} kept as arr_0")
-        return meta
-    result = score(cfg.images, cfg.ref, metrics=cfg.metrics, extractor=extractor,
+    check_output(cfg)
+    resolution = cfg.resolution if cfg.mode == "ref" else 0  # samples are scored as stored
+    source = open_images(cfg.images, resolution=resolution, num_workers=cfg.num_workers)
+    require_two_images(source)
+    ref = load_reference(cfg.ref) if cfg.mode == "score" else None
+    return source, ref
+
+
+def build(cfg: EvalConfig, source: ImageSource, extractor: InceptionExtractor) -> dict:
+    meta = make_reference(source, cfg.out, resolution=cfg.resolution,
+                          keep_images=cfg.keep_images, extractor=extractor,
+                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                          seed=cfg.seed, progress=cfg.progress, force=cfg.force)
+    done = "written"
+    if meta.get("skipped"):
+        done = "kept (same files, settings and network; force=true rebuilds it)"
+    print(f"{cfg.out} {done}: statistics of {meta['num_images']} images of "
+          f"{meta['image_size'][1]}x{meta['image_size'][0]}, {meta['kept_images']} kept as arr_0")
+    return meta
+
+
+def score_to_file(cfg: EvalConfig, source: ImageSource, ref: Reference,
+                  extractor: InceptionExtractor) -> dict:
+    """Score and write metrics.json; one made from the same inputs is kept untouched (its
+    wall_time_s differs, so writing it again would change the file for nothing)."""
+    out = output_path(cfg)
+    settings = score_settings(cfg.metrics, cfg.batch_size, cfg.seed, cfg.num_expected,
+                              cfg.kid_subset_size, cfg.allow_lossy)
+    planned = {"samples": source.describe(), "reference": ref.describe(),
+               "inception": vars(extractor.info), "settings": settings}
+    kept = None if cfg.force else kept_result(out, planned)
+    if kept is not None:
+        print(summary_line(kept) + f"  -> {out} {KEPT_NOTE}")
+        return {**kept, "skipped": True}
+    result = score(source, ref, metrics=cfg.metrics, extractor=extractor,
                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                    num_expected=cfg.num_expected, allow_lossy=cfg.allow_lossy,
                    kid_subset_size=cfg.kid_subset_size, progress=cfg.progress)
     result["config"] = asdict(cfg)
-    out = Path(cfg.out) if cfg.out else default_out(cfg.images)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(summary_line(result) + f"  -> {out}")
     return result
 
 
+def main(cfg: EvalConfig, extractor: InceptionExtractor | None = None) -> dict:
+    """Run one mode; `extractor` lets a caller (tests, a driver script) reuse a loaded network."""
+    log = get_logger("eval_fid")
+    source, ref = open_inputs(cfg)  # before spending seconds on loading the network
+    extractor = extractor or InceptionExtractor(cfg.inception_weights or None, cfg.device)
+    log.info(f"Inception {extractor.info.path} (fingerprint {extractor.info.fingerprint[:12]}, "
+             f"logits: {extractor.info.has_logits}) on {extractor.device}")
+    if cfg.mode == "ref":
+        return build(cfg, source, extractor)
+    return score_to_file(cfg, source, ref, extractor)
+
+
 if __name__ == "__main__":
-    config = parse_cli(EvalConfig, doc=__doc__)
-    try:
-        main(config)
-    except FileNotFoundError as e:  # weights, images or reference missing: the message says how
-        sys.exit(f"error: {e}")
+    run_cli(main, EvalConfig, doc=__doc__)

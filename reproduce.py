@@ -40,16 +40,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ar.config import ConfigError, load_config, parse_cli
+from ar.config import ConfigError, load_config, run_cli
 from ar.dist import get_logger
 from ar.io import atomic_write_text, sha256_file
-from convert.llamagen import GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
+from convert.llamagen import LAYOUTS, GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
 from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
 from sampling.generate import SamplingConfig
 from sampling.outputs import pack_npz, shard_done
 
 ROOT = Path(__file__).resolve().parent
+
+
+CHOICES = {"labels": ("random", "balanced"), "layout": LAYOUTS,
+           "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda")}
+# the smallest meaningful value of each number, and what it counts (for the error message)
+AT_LEAST = {"image_size": (1, "the generation resolution in pixels"),
+            "eval_size": (1, "the side the images are scored at"),
+            "num_images": (2, "FID needs at least 2 images"),
+            "batch_size": (1, "images per process per forward pass"),
+            "shard_size": (1, "images per shard"),
+            "nproc": (0, "sampling processes; 0: one per visible GPU"),
+            "published_fid": (0, "0: none")}
 
 
 @dataclass
@@ -79,13 +91,18 @@ class ReproduceConfig:
     published_fid: float = 0.0  # the paper's number, shown beside ours in the table (0: none)
 
     def validate(self) -> None:
-        if self.labels not in ("random", "balanced"):
-            raise ConfigError(f"labels={self.labels!r}; choose random or balanced")
-        if min(self.image_size, self.eval_size, self.num_images, self.batch_size, self.shard_size) <= 0:
-            raise ConfigError("image_size, eval_size, num_images, batch_size and shard_size must be positive")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        for key, (least, meaning) in AT_LEAST.items():
+            value = getattr(self, key)
+            if value < least:
+                raise ConfigError(f"{key}={value} is out of range: it must be >= {least} ({meaning})")
         bad = sorted(set(self.metrics) - set(METRICS))
         if bad:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
+        if not self.metrics:
+            raise ConfigError(f"metrics=[] asks for nothing; choose some of {list(METRICS)}")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -266,8 +283,4 @@ def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> d
 
 
 if __name__ == "__main__":
-    config = parse_cli(ReproduceConfig, doc=__doc__)
-    try:
-        main(config)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # the message says what to do
-        sys.exit(f"error: {e}")
+    run_cli(main, ReproduceConfig, doc=__doc__)

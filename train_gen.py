@@ -201,6 +201,20 @@ def finished_run(run: Path, step: int, cfg: RunConfig) -> dict | None:
     return done if done.get("steps") == step else None
 
 
+def check_resume(cfg: RunConfig, run: Path, identity: dict, log) -> tuple[Path | None, dict | None]:
+    """(latest checkpoint, summary if the run is already finished); refuses a checkpoint made
+    with other data or settings, or one past max_steps."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return None, None
+    if not check_identity(ckpt, identity, run):
+        log.warning(f"{ckpt} records no data identity (an older checkpoint): resuming unchecked")
+    if checkpoint_step(ckpt) > cfg.train.max_steps:
+        raise ValueError(f"{ckpt} is past train.max_steps={cfg.train.max_steps}; raise "
+                         f"train.max_steps or choose another out_dir=")
+    return ckpt, finished_run(run, checkpoint_step(ckpt), cfg)
+
+
 def main(cfg: RunConfig) -> dict:
     check_paths(cfg, {"data.codes": "create the code cache with `python -m tokenizer.encode`"})
     info = dist.init_distributed(cfg.train.device)
@@ -212,21 +226,13 @@ def main(cfg: RunConfig) -> dict:
     spec = make_spec(cfg, cache)
     identity = run_identity(cfg, cache)
     micro, accum = batch_layout(cfg, info.world_size)
-
-    ckpt = latest_checkpoint(run)
-    if ckpt is not None:
-        if not check_identity(ckpt, identity, run):
-            log.warning(f"{ckpt} records no data identity (an older checkpoint): resuming unchecked")
-        if checkpoint_step(ckpt) > cfg.train.max_steps:
-            raise ValueError(f"{ckpt} is past train.max_steps={cfg.train.max_steps}; raise "
-                             f"train.max_steps or choose another out_dir=")
-        done = finished_run(run, checkpoint_step(ckpt), cfg)
-        if done is not None:
-            log.info(f"{run} already finished at step {done['steps']} (weights in "
-                     f"{run / 'weights' / 'ema.safetensors'}); nothing to do. Raise "
-                     f"train.max_steps to train on, or choose another out_dir= for a new run")
-            dist.cleanup()
-            return done["final"]
+    ckpt, done = check_resume(cfg, run, identity, log)
+    if done is not None:
+        log.info(f"{run} already finished at step {done['steps']} (weights in "
+                 f"{run / 'weights' / 'ema.safetensors'}); nothing to do. Raise "
+                 f"train.max_steps to train on, or choose another out_dir= for a new run")
+        dist.cleanup()
+        return done["final"]
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ARModel(spec).to(info.device)
@@ -291,20 +297,26 @@ def main(cfg: RunConfig) -> dict:
                 write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
         bar.close()
         if info.is_main:
-            export_generator(run / "weights" / "ema.safetensors", ema.model, to_yaml(cfg))
-            write_grid(cfg, ema.model, spec, run / "grid_final.png", log)
-            atomic_write_text(run / "summary.json", json.dumps(
-                {"steps": step, "final": last, "parameters": sum(p.numel() for p in model.parameters())},
-                indent=2))
+            export_final(cfg, run, ema.model, spec, step, last, log)
     except DiskFullError as e:
         raise DiskFullError(e.path, f"free space and run the same command again; the last "
                                     f"complete checkpoint is step {saved_step}") from e
-    if info.is_main:
-        log.info(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; "
-                 f"weights in {run / 'weights' / 'ema.safetensors'}")
     dist.barrier()
     dist.cleanup()
     return last
+
+
+def export_final(cfg: RunConfig, run: Path, ema_model: ARModel, spec: GeneratorSpec, step: int,
+                 last: dict, log) -> None:
+    """The EMA weights sample.py reads, the final grid, and summary.json (written last: a run
+    with a summary of its last step is finished)."""
+    export_generator(run / "weights" / "ema.safetensors", ema_model, to_yaml(cfg))
+    write_grid(cfg, ema_model, spec, run / "grid_final.png", log)
+    parameters = sum(p.numel() for p in ema_model.parameters())
+    atomic_write_text(run / "summary.json", json.dumps(
+        {"steps": step, "final": last, "parameters": parameters}, indent=2))
+    log.info(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; "
+             f"weights in {run / 'weights' / 'ema.safetensors'}")
 
 
 def _log_metrics(run: Path, writer, metrics: dict) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -99,12 +100,51 @@ class ArrayImages(ImageSource):
 
 # ----------------------------------------------------------------------------- .npz
 
+# What a file that is not a zip archive is likely to be, by its first bytes: np.load would try
+# to unpickle it and report only "Cannot load file containing pickled data".
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+               (b"GIF8", "a GIF image"), (b"RIFF", "a RIFF/WebP file"),
+               (b"\x93NUMPY", "a single array saved with np.save, not np.savez"),
+               (b"PK\x03\x04", "a zip archive cut short, e.g. an interrupted copy"),
+               (b"\x80", "a pickle"))
+
+
+def what_file_is(path: str | Path) -> str:
+    """A few words on what `path` holds, for a message saying it is not what was expected."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head:
+        return "the file is empty"
+    for signature, what in _SIGNATURES:
+        if head.startswith(signature):
+            return f"it is {what}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8]!r}"
+    return f"it is text starting {text.strip()[:40]!r}"
+
+
+def require_npz(path: str | Path, advice: str) -> None:
+    """Raise ValueError naming `path` and what it is instead, unless it is a zip archive (the
+    container np.savez writes); `advice` says where a right file comes from."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an .npz file; {advice}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file ({what_file_is(path)}); {advice}")
+
+
+NPZ_ADVICE = ("pass an ADM .npz (np.savez(path, arr_0=uint8 NHWC images[, arr_1=labels])) or a "
+              "folder of PNG images")
+
+
 def npz_member_header(zf: zipfile.ZipFile, key: str, path) -> tuple[tuple, np.dtype, int]:
     """(shape, dtype, data offset) of `key`.npy inside an open .npz, read from its header."""
     name = f"{key}.npy"
     if name not in zf.namelist():
         keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-        raise KeyError(f"{path}: no '{key}' array (keys: {keys})")
+        raise KeyError(f"{path}: no '{key}' array (keys: {keys}); {NPZ_ADVICE}")
     with zf.open(name) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -122,12 +162,14 @@ class NpzImages(ImageSource):
 
     def __init__(self, path: str | Path, key: str = "arr_0", resolution: int = 0):
         self.path, self.key, self.resolution = str(path), key, resolution
+        require_npz(path, NPZ_ADVICE)
         try:
             with zipfile.ZipFile(path) as zf:
                 shape, dtype, self._offset = npz_member_header(zf, key, path)
                 has_labels = "arr_1.npy" in zf.namelist()
-        except zipfile.BadZipFile:
-            raise ValueError(f"{path}: not a .npz file (np.savez writes one)") from None
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged member header
+            raise ValueError(f"{path}: cannot read '{key}' ({type(e).__name__}: {e}); the file "
+                             f"is damaged, write it again") from None
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
             raise ValueError(f"{path}: '{key}' must be uint8 images (N, H, W, 3) as the ADM "
                              f"evaluator reads them, got {dtype} {shape}")
@@ -145,11 +187,22 @@ class NpzImages(ImageSource):
             f.read(self._offset)  # skip the .npy header
             for start in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - start)
-                raw = f.read(n * item)
-                if len(raw) != n * item:
-                    raise ValueError(f"{self.path}: '{self.key}' is truncated at image {start}")
+                raw = self._read(f, n * item, start)
                 batch = np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(n, *self._shape)
                 yield _crop_batch(batch, self.resolution)
+
+    def _read(self, f, size: int, start: int) -> bytes:
+        """`size` bytes of the member; zipfile reports a damaged one (bad CRC, bad deflate
+        stream) without the file's name, so it is added here."""
+        try:
+            raw = f.read(size)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise ValueError(f"{self.path}: '{self.key}' is damaged near image {start} "
+                             f"({type(e).__name__}: {e}); write the file again") from None
+        if len(raw) != size:
+            raise ValueError(f"{self.path}: '{self.key}' is truncated at image {start}; write "
+                             f"the file again")
+        return raw
 
 
 # ----------------------------------------------------------------------------- folders
@@ -164,21 +217,68 @@ def _list_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _labels_json(path: Path) -> dict[str, int]:
+    """One shard's {image stem: class} table (sample.py writes it beside the PNGs)."""
+    try:
+        table = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in table.items()}
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not ints
+        raise ValueError(f"{path} is not a {{image name: class index}} table ({e}); delete it "
+                         f"to score without labels, or write the shard again") from None
+
+
 def _folder_labels(root: Path, files: list[Path]) -> tuple[np.ndarray | None, str | None, list | None]:
     """Labels from labels.json beside the images, else from class sub-folders, else none."""
     dirs = sorted({p.parent for p in files})
     if all((d / "labels.json").is_file() for d in dirs):
-        tables = {d: json.loads((d / "labels.json").read_text()) for d in dirs}
+        tables = {d: _labels_json(d / "labels.json") for d in dirs}
         missing = [p for p in files if p.stem not in tables[p.parent]]
         if missing:
             raise ValueError(f"{missing[0].parent / 'labels.json'} has no label for {missing[0].name}")
-        return np.array([int(tables[p.parent][p.stem]) for p in files]), "labels.json", None
+        return np.array([tables[p.parent][p.stem] for p in files]), "labels.json", None
     if all(p.parent != root for p in files):
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[p.relative_to(root).parts[0]] for p in files]
         return np.array(labels), "class folders", classes
     return None, None, None
+
+
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, e: BaseException, more: int = 0) -> str:
+    others = f" (and {more} more unreadable file{'s' * (more != 1)})" if more else ""
+    return (f"cannot read image {path}{others}: {type(e).__name__}: {e}; delete or replace the "
+            f"file and run again")
+
+
+def _header_sizes(files: list[Path]) -> list[tuple[int, int]]:
+    """(H, W) of every file from its header alone (nothing is decoded), so a file that is not
+    an image, or one of another size, fails before the network loads rather than mid-run."""
+    sizes, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                sizes.append((img.height, img.width))
+        except _PIL_ERRORS as e:
+            bad.append((path, e))
+    if bad:
+        raise ImageReadError(_unreadable(*bad[0], more=len(bad) - 1))
+    return sizes
+
+
+def _different_size(path, size: tuple[int, int], first: tuple[int, int]) -> str:
+    return (f"{path} is {size[1]}x{size[0]} but other images are {first[1]}x{first[0]}; all "
+            f"samples must have one size (for reference folders pass resolution=R to "
+            f"center-crop them)")
+
+
+def _common_size(files: list[Path], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    for path, size in zip(files, sizes):
+        if size != sizes[0]:
+            raise ValueError(_different_size(path, size, sizes[0]))
+    return sizes[0]
 
 
 class _Files(Dataset):
@@ -194,21 +294,23 @@ class _Files(Dataset):
             with Image.open(path) as img:
                 img.load()
                 rgb = img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}; delete or "
-                                 f"replace the file") from None
+        except _PIL_ERRORS as e:  # a file cut short after its header: handed to _collate
+            return None, _unreadable(path, e)
         if self.resolution:
             rgb = adm_center_crop(rgb, self.resolution)
         return np.asarray(rgb, dtype=np.uint8), str(path)
 
 
-def _stack_same_size(items) -> np.ndarray:
+def _collate(items):
+    """A stacked batch, or (error type, message) for `batches` to raise in the main process:
+    DataLoader re-raises a worker's error with the worker's traceback pasted into its message."""
+    for array, text in items:
+        if array is None:
+            return ImageReadError, text
     first = items[0][0].shape
     for array, path in items:
         if array.shape != first:
-            raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]} but other images are "
-                             f"{first[1]}x{first[0]}; all samples must have one size (for "
-                             f"reference folders pass resolution=R to center-crop them)")
+            return ValueError, _different_size(path, array.shape, first)
     return np.stack([a for a, _ in items])
 
 
@@ -226,11 +328,8 @@ class FolderImages(ImageSource):
         self.count = len(self.files)
         self.file_formats = dict(Counter(p.suffix.lower() for p in self.files))
         self.labels, self.label_source, self.class_names = _folder_labels(root, self.files)
-        if resolution:
-            self.image_size = (resolution, resolution)
-        else:
-            with Image.open(self.files[0]) as img:
-                self.image_size = (img.height, img.width)
+        sizes = _header_sizes(self.files)
+        self.image_size = (resolution, resolution) if resolution else _common_size(self.files, sizes)
 
     @property
     def lossy_files(self) -> list[Path]:
@@ -238,8 +337,11 @@ class FolderImages(ImageSource):
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         loader = DataLoader(_Files(self.files, self.resolution), batch_size=batch_size,
-                            num_workers=self.num_workers, collate_fn=_stack_same_size)
-        yield from loader
+                            num_workers=self.num_workers, collate_fn=_collate)
+        for batch in loader:
+            if isinstance(batch, tuple):  # (error type, message) from _collate
+                raise batch[0](batch[1])
+            yield batch
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -254,8 +356,22 @@ def _check_labels(labels, count: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def require_two_images(source: ImageSource) -> None:
+    """FID's covariance needs at least 2 images; checked before any network runs."""
+    n = len(source)
+    if n < 2:
+        raise ValueError(f"images={source.path or 'the given array'} holds {n} image"
+                         f"{'s' * (n != 1)}; FID needs at least 2 (it estimates a covariance of "
+                         f"the features); pass more images")
+
+
 def open_images(images, labels=None, resolution: int = 0, num_workers: int = 2) -> ImageSource:
-    """An ImageSource for a path (.npz file or folder) or a uint8 (N, H, W, 3) array/tensor."""
+    """An ImageSource for a path (.npz file or folder) or a uint8 (N, H, W, 3) array/tensor;
+    an ImageSource is used as it is (opened already, e.g. to check it before the network loads)."""
+    if isinstance(images, ImageSource):
+        if labels is not None:
+            images.labels, images.label_source = _check_labels(labels, images.count, "labels"), "given"
+        return images
     if isinstance(images, (str, Path)):
         path = Path(images)
         if path.is_dir():
@@ -263,10 +379,9 @@ def open_images(images, labels=None, resolution: int = 0, num_workers: int = 2) 
         elif path.suffix == ".npz" and path.is_file():
             source = NpzImages(path, resolution=resolution)
         elif not path.exists():
-            raise FileNotFoundError(f"images {path} not found; pass an ADM .npz (arr_0 uint8 "
-                                    f"NHWC) or a folder of PNG images")
+            raise FileNotFoundError(f"images {path} not found; {NPZ_ADVICE}")
         else:
-            raise ValueError(f"images {path}: expected an ADM .npz file or a folder of images")
+            raise ValueError(f"images {path}: not an .npz file or a folder; {NPZ_ADVICE}")
         if labels is not None:
             source.labels, source.label_source = _check_labels(labels, source.count, "labels"), "given"
         return source

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from tqdm import tqdm
 
 from ar.io import atomic_path, sha256_file
 from evaluation.inception import SPATIAL_DIM, InceptionExtractor
-from evaluation.inputs import ImageSource, NpzImages, open_images
+from evaluation.inputs import (ImageSource, NpzImages, open_images, require_npz,
+                               require_two_images)
 from evaluation.metrics import RunningGaussian
 
 POOL_DIM = 2048
@@ -35,6 +38,7 @@ SELF_COMPUTED_NOTE = ("self-computed statistics: compare only with numbers score
                       "same file, not with tables scored against the published ADM reference")
 HOW_TO_GET_REF = ("build one with `python eval_fid.py mode=ref images=DIR_OR_NPZ out=REF.npz` "
                   "or use ADM's VIRTUAL_imagenet256_labeled.npz / MAR's adm_in256_stats.npz")
+REBUILD = "rebuild the reference (eval_fid.py mode=ref ... force=true) or fetch it again"
 
 
 @dataclass
@@ -65,46 +69,70 @@ class Reference:
                 "num_images_stats": self.meta.get("num_images")}
 
 
+def _read(npz, path, key: str) -> np.ndarray:
+    """One array of an open .npz; zipfile and numpy report a damaged member (bad CRC, cut short)
+    without naming the file, so it is named here."""
+    try:
+        return np.asarray(npz[key])
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read '{key}' ({type(e).__name__}: {e}); the file is "
+                         f"damaged: {REBUILD}") from None
+
+
+def _require_finite(x: np.ndarray, path, key: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: '{key}' has non-finite values (NaN or inf); {REBUILD}")
+
+
 def _stats_pair(npz, path: str, mu_key: str, sigma_key: str, dim: int):
-    mu, sigma = np.asarray(npz[mu_key]), np.asarray(npz[sigma_key])
+    mu, sigma = _read(npz, path, mu_key), _read(npz, path, sigma_key)
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(f"{path}: '{mu_key}' has shape {mu.shape} and '{sigma_key}' {sigma.shape}; "
-                         f"expected ({dim},) and ({dim}, {dim})")
+                         f"expected ({dim},) and ({dim}, {dim}); {REBUILD}")
     for key, x in ((mu_key, mu), (sigma_key, sigma)):
-        if not np.isfinite(x).all():
-            raise ValueError(f"{path}: '{key}' has non-finite values; rebuild the reference")
+        _require_finite(x, path, key)
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
+def _meta(npz, path) -> dict:
+    try:
+        return json.loads(str(_read(npz, path, "argen_meta")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: 'argen_meta' is not valid JSON ({e}); {REBUILD}") from None
+
+
 def load_reference(path: str | Path) -> Reference:
-    """Read and check a reference .npz; statistics come back as float64."""
+    """Read and check a reference .npz; statistics come back as float64, and nothing in it is
+    NaN or inf (a NaN would turn into a NaN metric, which reads like a result)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"reference statistics {path} not found; {HOW_TO_GET_REF}")
+    require_npz(path, HOW_TO_GET_REF)
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz ({e}); {HOW_TO_GET_REF}") from None
     with npz:
         keys = sorted(npz.files)
         if "mu" not in keys or "sigma" not in keys:
             raise KeyError(f"{path}: reference needs 'mu' and 'sigma' (pool_3 statistics); the file "
-                           f"has {keys}. {HOW_TO_GET_REF}")
+                           f"has {keys}; {HOW_TO_GET_REF}")
         ref = Reference(str(path), sha256_file(path), *_stats_pair(npz, str(path), "mu", "sigma", POOL_DIM),
                         keys=keys)
         if ("mu_s" in keys) != ("sigma_s" in keys):
-            raise KeyError(f"{path}: has only one of 'mu_s'/'sigma_s'; sFID needs both")
+            raise KeyError(f"{path}: has only one of 'mu_s'/'sigma_s'; sFID needs both. {REBUILD}")
         if "mu_s" in keys:
             ref.mu_s, ref.sigma_s = _stats_pair(npz, str(path), "mu_s", "sigma_s", SPATIAL_DIM)
         if "argen_meta" in keys:
-            ref.meta = json.loads(str(npz["argen_meta"]))
+            ref.meta = _meta(npz, path)
         if "arr_0_pool" in keys:
-            ref.pool = np.asarray(npz["arr_0_pool"], dtype=np.float32)
+            ref.pool = _read(npz, path, "arr_0_pool").astype(np.float32)
+            _require_finite(ref.pool, path, "arr_0_pool")
     if "arr_0" in keys:
         ref.images = NpzImages(path)
         if ref.pool is not None and ref.pool.shape != (ref.images.count, POOL_DIM):
             raise ValueError(f"{path}: 'arr_0_pool' has shape {ref.pool.shape}, expected "
-                             f"({ref.images.count}, {POOL_DIM}); rebuild the reference")
+                             f"({ref.images.count}, {POOL_DIM}); {REBUILD}")
     return ref
 
 
@@ -130,8 +158,7 @@ def build_reference(source: ImageSource, out: str | Path, extractor: InceptionEx
     """
     t0 = time.time()
     n = len(source)
-    if n < 2:
-        raise ValueError(f"{source.path or 'images'}: a reference needs at least 2 images, got {n}")
+    require_two_images(source)
     keep = np.sort(np.random.default_rng(seed).choice(n, min(keep_images, n), replace=False))
     pool_stats, spatial_stats = RunningGaussian(POOL_DIM), RunningGaussian(SPATIAL_DIM)
     kept_images, kept_pool, start = [], [], 0
@@ -176,7 +203,7 @@ def _same_build(out: Path, meta: dict) -> bool:
     try:
         with np.load(out, allow_pickle=False) as npz:
             old = json.loads(str(npz["argen_meta"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: rebuild it
         return False
     keys = ("source", "crop", "kept_images", "seed")
     return all(old.get(k) == meta[k] for k in keys) and \
@@ -195,6 +222,7 @@ def make_reference(images, out: str | Path, *, resolution: int = 0, labels=None,
     is True) unless `force`, so a re-run pipeline does not redo it.
     """
     source = open_images(images, labels=labels, resolution=resolution, num_workers=num_workers)
+    require_two_images(source)  # before the network loads
     extractor = extractor or InceptionExtractor(weights, device)
     planned = {"source": json.loads(json.dumps(source.describe())),
                "crop": f"ADM center crop to {resolution}" if resolution else "none",

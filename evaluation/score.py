@@ -6,13 +6,16 @@
 
 `result` is what eval_fid.py writes as metrics.json. A metric that cannot be computed (IS
 without logits weights, sFID without mu_s/sigma_s, P/R and KID without reference images) is
-None with its reason under "unavailable"; a metric is never NaN. Problems that do not stop the
+None with its reason under "unavailable"; a metric is never NaN or inf (a run that would give
+one stops with an error naming the metric and the likely cause). Problems that do not stop the
 scoring (sample count, size, class balance, lossy files when allowed) are listed under
-"warnings", each naming the problem.
+"warnings", each naming the problem. `kept_result` tells whether a metrics.json already holds
+the numbers for the same images, reference, settings and network, so a re-run can keep it.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 
 from ar.dist import get_logger
 from evaluation.inception import InceptionExtractor
-from evaluation.inputs import LOSSY_SUFFIXES, ImageSource, open_images
+from evaluation.inputs import LOSSY_SUFFIXES, ImageSource, open_images, require_two_images
 from evaluation.metrics import (frechet_distance_to_features, gaussian_stats, inception_score,
                                 kernel_inception_distance, precision_recall)
 from evaluation.reference import Reference, load_reference, reference_pool_features
@@ -94,9 +97,36 @@ def _fid(name, features, ref_mu, ref_sigma) -> float:
     return value
 
 
+# what makes each metric NaN or inf, for the message of the last guard in compute_metrics
+_NON_FINITE_CAUSE = {
+    "fid": "the sample features or the reference's mu/sigma hold NaN/inf",
+    "sfid": "the sample features or the reference's mu_s/sigma_s hold NaN/inf",
+    "is": "the Inception logits are not finite: the weights' fc layer is damaged; pass other "
+          "inception_weights",
+    "precision": "the sample features or the reference's arr_0_pool hold NaN/inf; rebuild the "
+                 "reference (eval_fid.py mode=ref ... force=true)",
+    "kid": "the sample features or the reference's arr_0_pool hold NaN/inf; rebuild the "
+           "reference (eval_fid.py mode=ref ... force=true)",
+}
+_NON_FINITE_CAUSE["recall"] = _NON_FINITE_CAUSE["precision"]
+_DISPLAY = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID"}
+
+
+def require_finite_metrics(metrics: dict) -> None:
+    """The last guard: every metric is a finite number or None. A NaN in metrics.json reads
+    like a result (and is not valid JSON), so a broken input must stop the run instead."""
+    for name, value in metrics.items():
+        parts = value.items() if isinstance(value, dict) else [("", value)]
+        for part, x in parts:
+            if x is not None and not np.isfinite(x):
+                label = _DISPLAY.get(name, name) + (f" {part}" if part else "")
+                raise ValueError(f"{label} came out non-finite ({x}); likely cause: "
+                                 f"{_NON_FINITE_CAUSE[name]}")
+
+
 def compute_metrics(feats, ref: Reference, ref_pool: np.ndarray | None, wanted, has_logits: bool,
                     seed: int, kid_subset_size: int, device) -> tuple[dict, dict]:
-    """(metrics, unavailable reasons) from sample features and the reference."""
+    """(metrics, unavailable reasons) from sample features and the reference; never NaN."""
     metrics, unavailable = {}, {}
     if "fid" in wanted:
         metrics["fid"] = _fid("FID", feats.pool, ref.mu, ref.sigma)
@@ -132,15 +162,47 @@ def compute_metrics(feats, ref: Reference, ref_pool: np.ndarray | None, wanted, 
                 metrics["kid"] = {"mean": mean, "std": std, "subset_size": size}
             else:
                 metrics["kid"], unavailable["kid"] = None, reason or "needs at least 2 images per set"
+    require_finite_metrics(metrics)
     return metrics, unavailable
 
 
-def score(images, ref: str | Path, *, metrics=METRICS, labels=None,
+def score_settings(metrics, batch_size: int, seed: int, num_expected: int, kid_subset_size: int,
+                   allow_lossy: bool) -> dict:
+    """The settings metrics.json records; all but batch_size decide the numbers."""
+    return {"metrics": list(metrics), "batch_size": batch_size, "seed": seed,
+            "is_splits": IS_SPLITS, "is_shuffled": True, "pr_k": PR_NEIGHBOURS,
+            "kid_subsets": KID_SUBSETS, "kid_subset_size": kid_subset_size,
+            "num_expected": num_expected, "allow_lossy": allow_lossy}
+
+
+def score_identity(result: dict) -> dict:
+    """What decides a result's numbers: the images (paths, sizes and mtimes via files_stamp),
+    the reference's sha256, the network's fingerprint and the settings. batch_size only moves
+    float rounding, and the class histogram follows from the images."""
+    samples = {k: v for k, v in result["samples"].items() if k not in ("class_histogram", "balanced")}
+    settings = {k: v for k, v in result["settings"].items() if k != "batch_size"}
+    identity = {"samples": samples, "reference": result["reference"]["sha256"],
+                "inception": result["inception"]["fingerprint"], "settings": settings}
+    return json.loads(json.dumps(identity))  # tuples -> lists, as a stored file has them
+
+
+def kept_result(path: str | Path, planned: dict) -> dict | None:
+    """The metrics.json at `path` if it was scored from the same inputs as `planned` (a dict
+    with the samples, reference, inception and settings entries of a result), else None."""
+    try:
+        old = json.loads(Path(path).read_text())
+        return old if score_identity(old) == score_identity(planned) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, damaged, older
+        return None
+
+
+def score(images, ref: str | Path | Reference, *, metrics=METRICS, labels=None,
           extractor: InceptionExtractor | None = None, weights: str | None = None,
           device: str = "auto", batch_size: int = 64, num_workers: int = 2, seed: int = 2020,
           num_expected: int = 50000, allow_lossy: bool = False, kid_subset_size: int = 1000,
           progress: bool = True) -> dict:
-    """Score `images` (ADM .npz, image folder or uint8 NHWC array) against the reference .npz.
+    """Score `images` (ADM .npz, image folder, uint8 NHWC array or an opened ImageSource)
+    against the reference (.npz path or a loaded Reference).
 
     Pass an `extractor` to reuse a loaded network across calls (e.g. rFID during training).
     """
@@ -149,8 +211,9 @@ def score(images, ref: str | Path, *, metrics=METRICS, labels=None,
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
-    ref_data = load_reference(ref)
+    ref_data = ref if isinstance(ref, Reference) else load_reference(ref)
     source = open_images(images, labels=labels, num_workers=num_workers)
+    require_two_images(source)
     histogram = _histogram(source, ref_data)
     warnings = sample_warnings(source, ref_data, num_expected, allow_lossy, histogram)
     extractor = extractor or InceptionExtractor(weights, device)
@@ -177,9 +240,8 @@ def score(images, ref: str | Path, *, metrics=METRICS, labels=None,
                         "balanced": (max(histogram) - min(histogram) <= 1) if histogram else None},
             "reference": ref_data.describe(),
             "inception": vars(extractor.info),
-            "settings": {"metrics": list(metrics), "batch_size": batch_size, "seed": seed,
-                         "is_splits": IS_SPLITS, "is_shuffled": True, "pr_k": PR_NEIGHBOURS,
-                         "kid_subsets": KID_SUBSETS, "num_expected": num_expected},
+            "settings": score_settings(metrics, batch_size, seed, num_expected, kid_subset_size,
+                                       allow_lossy),
             "environment": environment(extractor.device),
             "warnings": warnings, "wall_time_s": round(time.time() - t0, 2)}
 
