@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List
 
-from ar.config import ConfigError, run_cli
+from ar.config import ConfigError, check_fields, run_cli
 from ar.dist import get_logger
 from ar.io import atomic_write_text
 from evaluation import METRICS, InceptionExtractor, load_reference, make_reference, score
@@ -38,14 +38,6 @@ from evaluation.inputs import NPZ_ADVICE, ImageSource, open_images, require_two_
 from evaluation.reference import HOW_TO_GET_REF, Reference
 from evaluation.score import kept_result, score_settings, summary_line
 
-DEVICES = ("auto", "cpu", "cuda")
-# the smallest meaningful value of each count, and what it counts (for the error message)
-AT_LEAST = {"batch_size": (1, "images per Inception forward pass"),
-            "num_workers": (0, "decoding processes; 0 decodes in the main process"),
-            "kid_subset_size": (2, "KID's unbiased estimate needs pairs of images"),
-            "keep_images": (0, "reference images kept as arr_0; 0 keeps none"),
-            "num_expected": (0, "0 turns the sample-count check off"),
-            "resolution": (0, "0 uses the images as stored")}
 KEPT_NOTE = "(kept: same images, reference, settings and network; force=true recomputes)"
 
 
@@ -81,12 +73,10 @@ class EvalConfig:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
         if not self.metrics:
             raise ConfigError(f"metrics=[] asks for nothing; choose some of {list(METRICS)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r}; choose one of {', '.join(DEVICES)}")
-        for key, (least, meaning) in AT_LEAST.items():
-            value = getattr(self, key)
-            if value < least:
-                raise ConfigError(f"{key}={value} is out of range: it must be >= {least} ({meaning})")
+        # kid_subset_size >= 2: KID's unbiased estimate needs pairs of images
+        check_fields(self, "", {"device": ("auto", "cpu", "cuda"), "batch_size": ">= 1",
+                                "num_workers": ">= 0", "kid_subset_size": ">= 2",
+                                "keep_images": ">= 0", "num_expected": ">= 0", "resolution": ">= 0"})
 
 
 def default_out(images: str) -> Path:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ar.config import ConfigError, load_config, run_cli
+from ar.config import ConfigError, check_fields, load_config, run_cli
 from ar.dist import get_logger
 from ar.io import atomic_write_text, sha256_file
 from convert.llamagen import LAYOUTS, GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
@@ -52,16 +52,11 @@ from sampling.outputs import pack_npz, shard_done
 ROOT = Path(__file__).resolve().parent
 
 
-CHOICES = {"labels": ("random", "balanced"), "layout": LAYOUTS,
-           "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda")}
-# the smallest meaningful value of each number, and what it counts (for the error message)
-AT_LEAST = {"image_size": (1, "the generation resolution in pixels"),
-            "eval_size": (1, "the side the images are scored at"),
-            "num_images": (2, "FID needs at least 2 images"),
-            "batch_size": (1, "images per process per forward pass"),
-            "shard_size": (1, "images per shard"),
-            "nproc": (0, "sampling processes; 0: one per visible GPU"),
-            "published_fid": (0, "0: none")}
+# the settings' allowed values; num_images >= 2: FID estimates a covariance
+RANGES = {"labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
+          "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda"),
+          "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
+          "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0"}
 
 
 @dataclass
@@ -91,13 +86,7 @@ class ReproduceConfig:
     published_fid: float = 0.0  # the paper's number, shown beside ours in the table (0: none)
 
     def validate(self) -> None:
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
-        for key, (least, meaning) in AT_LEAST.items():
-            value = getattr(self, key)
-            if value < least:
-                raise ConfigError(f"{key}={value} is out of range: it must be >= {least} ({meaning})")
+        check_fields(self, "", RANGES)
         bad = sorted(set(self.metrics) - set(METRICS))
         if bad:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")

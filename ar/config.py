@@ -272,8 +272,8 @@ def check_fields(cfg: Any, prefix: str, rules: dict[str, str | tuple]) -> None:
         if value is None or _in_range(value, rule):
             continue
         allowed = f"one of {', '.join(map(str, rule))}" if isinstance(rule, tuple) else \
-            (f"a number {rule}" if rule[0] in "<>" else f"a number in {rule}")
-        raise ConfigError(f"{prefix}{key}={value!r} is out of range; it must be {allowed}")
+            (rule if rule[0] in "<>" else f"in {rule}")
+        raise ConfigError(f"{prefix}{key}={value!r} is out of range: it must be {allowed}")
 
 
 def check_paths(cfg: Any, paths: dict[str, str]) -> None:

@@ -25,7 +25,7 @@ class CodeCache:
     """Memory-mapped codes (N, A, h*w) and labels (N,) across the cache's shards."""
 
     def __init__(self, path: str | Path):
-        from tokenizer.encode import read_meta  # validates meta.json with clear errors
+        from tokenizer.cache import read_meta  # validates meta.json with clear errors
 
         self.path = Path(path)
         self.meta = read_meta(self.path)

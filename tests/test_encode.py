@@ -14,7 +14,8 @@ from PIL import Image
 from ar.data import CodeCache
 from dataset.folder import ClassFolderDataset
 from tokenizer import load_tokenizer, save_tokenizer
-from tokenizer.encode import main, read_meta
+from tokenizer.cache import read_meta
+from tokenizer.encode import main
 from tokenizer.vq import VQConfig, VQModel
 
 
@@ -257,11 +258,11 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(folder, weights, tmp_pat
 
 
 @pytest.mark.parametrize("override, message", [
-    ("batch_size=0", "batch_size=0: must be >= 1"),
-    ("shard_size=0", "shard_size=0: must be >= 1"),
-    ("num_workers=-1", "num_workers=-1: must be >= 0"),
-    ("data.resolution=0", "data.resolution=0: must be >= 1"),
-    ("device=tpu", "device='tpu': choose one of auto, cpu, cuda"),
+    ("batch_size=0", "batch_size=0 is out of range: it must be >= 1"),
+    ("shard_size=0", "shard_size=0 is out of range: it must be >= 1"),
+    ("num_workers=-1", "num_workers=-1 is out of range: it must be >= 0"),
+    ("data.resolution=0", "data.resolution=0 is out of range: it must be >= 1"),
+    ("device=tpu", "device='tpu' is out of range: it must be one of auto, cpu, cuda"),
     ("data.root=NOWHERE", "data.root=.*nowhere not found.*dataset.shapes"),
     ("tokenizer=NOWHERE", "tokenizer=.*nowhere not found.*tokenizer.train"),
 ])

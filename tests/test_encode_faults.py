@@ -144,7 +144,7 @@ def test_input_errors_are_one_line(weights, tmp_path):
     data = make_folder(tmp_path / "data", per_class=2)
     line = one_error_line(encode(*command(data, weights, tmp_path / "c", "shard_size=0"),
                                  check=False))
-    assert "shard_size=0: must be >= 1" in line
+    assert "shard_size=0 is out of range: it must be >= 1" in line
     not_weights = tmp_path / "vq.safetensors"
     not_weights.write_bytes(b"garbage")
     line = one_error_line(encode(*command(data, not_weights, tmp_path / "c"), check=False))

@@ -229,7 +229,7 @@ def test_rescoring_the_same_inputs_keeps_metrics_json(inputs, tmp_path, capsys):
     ("keep_images=-5", "keep_images=-5 is out of range: it must be >= 0"),
     ("num_expected=-1", "num_expected=-1 is out of range: it must be >= 0"),
     ("resolution=-32", "resolution=-32 is out of range: it must be >= 0"),
-    ("device=gpu", "device='gpu'; choose one of auto, cpu, cuda"),
+    ("device=gpu", "device='gpu' is out of range: it must be one of auto, cpu, cuda"),
     ("metrics=[]", "metrics=[] asks for nothing"),
 ])
 def test_eval_config_ranges_name_the_key(override, message):
@@ -247,9 +247,9 @@ REPRODUCE_REQUIRED = ["name=x", "gpt_ckpt=G.pt", "vq_ckpt=VQ.pt", "ref=REF.npz"]
     ("shard_size=0", "shard_size=0 is out of range: it must be >= 1"),
     ("eval_size=0", "eval_size=0 is out of range: it must be >= 1"),
     ("published_fid=-1.0", "published_fid=-1.0 is out of range: it must be >= 0"),
-    ("device=tpu", "device='tpu'; choose one of auto, cpu, cuda"),
-    ("precision=fp8", "precision='fp8'; choose one of auto, bf16, fp32"),
-    ("layout=zero", "layout='zero'; choose one of auto, ddp, fsdp, deepspeed"),
+    ("device=tpu", "device='tpu' is out of range: it must be one of auto, cpu, cuda"),
+    ("precision=fp8", "precision='fp8' is out of range: it must be one of auto, bf16, fp32"),
+    ("layout=zero", "layout='zero' is out of range: it must be one of auto, ddp, fsdp, deepspeed"),
 ])
 def test_reproduce_config_ranges_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -3,14 +3,7 @@
     python -m tokenizer.encode data.root=DIR data.resolution=32 tokenizer=RUN/vq.safetensors out=DIR
     torchrun --nproc_per_node=N -m tokenizer.encode ...   (rank r encodes shards k % N == r)
 
-Layout of OUT (read by the generator's data loader; `read_meta` validates it):
-    meta.json            written last, so its presence means the cache is complete
-    encode_config.json   the settings the folder was made with; a re-run must match them
-    codes_KKKKK.npy      uint16 (n, 2, h*w): variant 0 the image, 1 its horizontal flip, raster order
-    labels_KKKKK.npy     int64 (n,)
-    shard_KKKKK.json     what shard k was made from: the settings, the sha256 of its file list
-                         (label + path relative to data.root, in dataset order), skipped files
-    captions.jsonl       {"index": i, "caption": ...} per cached image, if the dataset has captions
+OUT's layout is in tokenizer/cache.py (read by the generator's data loader through `read_meta`).
 Shard k is made from dataset items [k*shard_size, (k+1)*shard_size) of the sorted file list. A
 re-run redoes exactly the shards whose record does not match what they would be made from now,
 so an interrupted run resumes by running the same command again, and deleting a file redoes
@@ -21,11 +14,6 @@ cannot be decoded are left out of their shard and listed in meta.json "skipped".
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,17 +22,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ar.config import ConfigError, run_cli
+from ar.config import ConfigError, check_fields, run_cli
 from ar.dist import barrier, cleanup, get_logger, init_distributed
-from ar.io import atomic_path, atomic_write_text, sha256_file
+from ar.io import sha256_file
 from dataset.folder import ClassFolderDataset
 from dataset.images import ImageReadError
 from tokenizer import load_tokenizer, read_tokenizer_config
-
-FORMAT, VERSION = "argen-code-cache", 1
-VARIANTS = ["original", "hflip"]
-ENCODE_COMMAND = "python -m tokenizer.encode data.root=... data.resolution=... tokenizer=... out=..."
-DEVICES = ("auto", "cpu", "cuda")
+from tokenizer.cache import (VARIANTS, Span, build_meta, check_settings, file_stamp, plan_shards,
+                             relative_names, shard_done, stale_files, write_meta, write_shard)
 
 
 @dataclass
@@ -53,8 +38,7 @@ class EncodeDataConfig:
     resolution: int = 256  # images are center-cropped to this side before encoding
 
     def validate(self) -> None:
-        if self.resolution < 1:
-            raise ConfigError(f"data.resolution={self.resolution}: must be >= 1 (pixels)")
+        check_fields(self, "data.", {"resolution": ">= 1"})
         if not Path(self.root).is_dir():
             what = "is a file, not a folder" if Path(self.root).exists() else "not found"
             raise ConfigError(f"data.root={self.root} {what}; create a dataset with `python -m "
@@ -76,155 +60,13 @@ class EncodeConfig:
     skip_bad_images: bool = False  # leave out unreadable images (listed in meta.json), don't stop
 
     def validate(self) -> None:
-        for key, low in (("batch_size", 1), ("shard_size", 1), ("num_workers", 0)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be >= {low}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
+        check_fields(self, "", {"batch_size": ">= 1", "shard_size": ">= 1", "num_workers": ">= 0",
+                                "device": ("auto", "cpu", "cuda")})
         if not Path(self.tokenizer).is_file():
             raise ConfigError(f"tokenizer={self.tokenizer} not found; train one with `python -m "
                               f"tokenizer.train` or pass the .safetensors file it wrote")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"out={self.out} is a file; pass a folder for the code cache")
-
-
-# ------------------------------------------------------------------------------ shard records
-
-def shard_name(k: int) -> tuple[str, str]:
-    return f"codes_{k:05d}.npy", f"labels_{k:05d}.npy"
-
-
-def record_name(k: int) -> str:
-    return f"shard_{k:05d}.json"
-
-
-@dataclass(frozen=True)
-class Span:
-    """Shard k: dataset items [lo, hi), identified by the sha256 of their (label, file) list."""
-
-    k: int
-    lo: int
-    hi: int
-    files_sha256: str
-
-
-def relative_names(dataset: ClassFolderDataset) -> list[str]:
-    """Each image's path relative to the dataset root, '/'-separated (what meta.json lists)."""
-    return [os.path.relpath(p, dataset.root).replace(os.sep, "/") for p, _ in dataset.samples]
-
-
-def plan_shards(dataset: ClassFolderDataset, names: list[str], shard_size: int) -> list[Span]:
-    # Labels are in the hash because adding a class folder renumbers the labels of unchanged files.
-    spans = []
-    for k in range(math.ceil(len(names) / shard_size)):
-        lo, hi = k * shard_size, min(len(names), (k + 1) * shard_size)
-        text = "".join(f"{dataset.samples[i][1]}\t{names[i]}\n" for i in range(lo, hi))
-        spans.append(Span(k, lo, hi, hashlib.sha256(text.encode()).hexdigest()))
-    return spans
-
-
-def read_record(out: Path, k: int) -> dict | None:
-    try:
-        record = json.loads((out / record_name(k)).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _file_stamp(path: Path) -> dict:
-    try:
-        st = path.stat()
-    except OSError:
-        return {"size": None, "mtime_ns": None}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _skipped_unchanged(root: Path, skipped: list[dict]) -> bool:
-    # a skipped file replaced by a good copy (same name) gets its shard redone
-    return all(_file_stamp(root / s["file"]) == {"size": s["size"], "mtime_ns": s["mtime_ns"]}
-               for s in skipped)
-
-
-def _rows(path: Path) -> tuple | None:
-    """Shape of a saved array (read from its header only), or None if unreadable/missing."""
-    try:
-        return np.load(path, mmap_mode="r").shape
-    except (OSError, ValueError):
-        return None
-
-
-def shard_done(out: Path, span: Span, settings: dict, tokens: int, root: Path,
-               skip_ok: bool) -> bool:
-    """Shard files present, complete, and made from exactly what this run would make them from."""
-    record = read_record(out, span.k)
-    if record is None or record.get("settings") != settings \
-            or record.get("files_sha256") != span.files_sha256:
-        return False
-    skipped = record.get("skipped", [])
-    # a run without skip_bad_images redoes a shard with skipped files, and so names them
-    if skipped and not (skip_ok and _skipped_unchanged(root, skipped)):
-        return False
-    n = record.get("count")
-    codes, labels = shard_name(span.k)
-    return _rows(out / codes) == (n, len(VARIANTS), tokens) and _rows(out / labels) == (n,)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add .npy
-        np.save(f, array)
-
-
-def write_shard(out: Path, span: Span, settings: dict, codes: np.ndarray, labels: np.ndarray,
-                skipped: list[dict]) -> None:
-    # meta.json goes first: from now until the end of the run the cache is not complete
-    (out / "meta.json").unlink(missing_ok=True)
-    # the codes file is the shard's commit mark, so it goes before the record changes and comes
-    # back last: a kill in between leaves a shard that is not done, never a mismatched one
-    (out / shard_name(span.k)[0]).unlink(missing_ok=True)
-    _save_npy(out / shard_name(span.k)[1], labels)
-    record = {"settings": settings, "files": span.hi - span.lo, "files_sha256": span.files_sha256,
-              "count": len(labels), "skipped": skipped}
-    atomic_write_text(out / record_name(span.k), json.dumps(record, indent=1) + "\n")
-    _save_npy(out / shard_name(span.k)[0], codes)
-
-
-_SHARD_FILE = re.compile(r"^(?:codes|labels)_(\d{5,})\.npy$|^shard_(\d{5,})\.json$")
-_OUR_TEMP = re.compile(r"^\.(?:(?:codes|labels)_\d+\.npy|shard_\d+\.json|meta\.json|"
-                       r"captions\.jsonl|encode_config\.json)\..+\.tmp$")
-
-
-def stale_files(out: Path, num_shards: int) -> list[Path]:
-    """Shards beyond the current count (the dataset shrank) and temp files of killed writes."""
-    stale = []
-    for p in sorted(out.iterdir()) if out.is_dir() else []:
-        m = _SHARD_FILE.match(p.name)
-        if (m and int(m.group(1) or m.group(2)) >= num_shards) or _OUR_TEMP.match(p.name):
-            stale.append(p)
-    return stale
-
-
-def check_settings(out: Path, settings: dict, is_main: bool) -> bool:
-    """Refuse to mix shards made with other settings; record them on a fresh folder. Returns
-    whether encode_config.json was written."""
-    path = out / "encode_config.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is corrupt; delete it and run the same command again "
-                             f"(each shard's record is checked, so only matching shards are "
-                             f"kept)") from None
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            detail = "; ".join(f"{k}: folder has {a!r}, this run {b!r}"
-                               for k, (a, b) in diff.items())
-            raise ValueError(f"{out} holds a code cache made with different settings "
-                             f"({detail}). Use a new out= folder, or delete {out} to rebuild it.")
-    if not is_main:
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    # also drops keys older versions kept ("count"); a no-op when the file is identical
-    return atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -295,52 +137,9 @@ def encode_shards(model, dataset: ClassFolderDataset, names: list[str], spans: l
                                if i not in left_out], dtype=np.int64)
             for i in skipped:
                 log.warning(f"skipped unreadable image {names[i]} (skip_bad_images=true)")
-            records = [{"file": names[i], **_file_stamp(Path(dataset.samples[i][0]))}
+            records = [{"file": names[i], **file_stamp(Path(dataset.samples[i][0]))}
                        for i in skipped]
             write_shard(Path(cfg.out), span, settings, codes, labels, records)
-
-
-# ------------------------------------------------------------------------------ meta.json
-
-def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: list[Span],
-               cfg: EncodeConfig, tok: dict, grid, codebook_size: int) -> tuple[dict, list | None]:
-    """meta.json and the captions of the cached images, read from the finished shards on disk
-    (other ranks wrote some of them)."""
-    records = [read_record(out, s.k) for s in spans]
-    skipped = [e["file"] for r in records for e in r["skipped"]]
-    labels = np.concatenate([np.load(out / shard_name(s.k)[1]) for s in spans])
-    if len(labels) == 0:
-        raise ValueError(f"none of the {len(names)} images of data.root={cfg.data.root} could be "
-                         f"read (all skipped, listed in {out}/shard_*.json); check the dataset")
-    shards = [{"codes": shard_name(s.k)[0], "labels": shard_name(s.k)[1], "count": r["count"]}
-              for s, r in zip(spans, records)]
-    captions = None
-    if dataset.captions is not None:
-        gone = set(skipped)
-        captions = [c for c, name in zip(dataset.captions, names) if name not in gone]
-    meta = {"format": FORMAT, "version": VERSION, "kind": "discrete", "tokenizer": tok,
-            "resolution": cfg.data.resolution, "grid": list(grid), "codebook_size": codebook_size,
-            "variants": VARIANTS, "count": len(labels), "num_classes": len(dataset.classes),
-            "class_names": list(dataset.classes),
-            "label_histogram": np.bincount(labels, minlength=len(dataset.classes)).tolist(),
-            "shards": shards, "captions": "captions.jsonl" if captions is not None else None,
-            "source": str(Path(cfg.data.root).resolve()), "skipped": skipped}
-    return meta, captions
-
-
-def write_meta(out: Path, meta: dict, captions: list[str] | None) -> bool:
-    """Write captions.jsonl, then meta.json (the completion mark); returns whether any file
-    changed (a file that already holds the same text is left untouched)."""
-    changed = False
-    if captions is not None:
-        lines = "".join(json.dumps({"index": i, "caption": c}) + "\n"
-                        for i, c in enumerate(captions))
-        changed = atomic_write_text(out / "captions.jsonl", lines)
-    elif (out / "captions.jsonl").is_file():  # the dataset's captions file was removed
-        (out / "meta.json").unlink(missing_ok=True)
-        (out / "captions.jsonl").unlink()
-        changed = True
-    return atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n") or changed
 
 
 # ------------------------------------------------------------------------------ the command
@@ -419,7 +218,8 @@ def finish(out: Path, dataset, names, spans, settings, cfg, tok, grid, codebook_
     if missing:
         raise RuntimeError(f"shards {missing} of {out} are missing after encoding (did a rank "
                            f"fail?); re-run the same command to finish them")
-    meta, captions = build_meta(out, dataset, names, spans, cfg, tok, grid, codebook_size)
+    meta, captions = build_meta(out, dataset, names, spans, cfg.data.root, cfg.data.resolution,
+                                tok, grid, codebook_size)
     changed = write_meta(out, meta, captions)
     skipped = f" ({len(meta['skipped'])} unreadable images skipped)" if meta["skipped"] else ""
     if nothing_done and not changed:
@@ -434,41 +234,6 @@ def finish(out: Path, dataset, names, spans, settings, cfg, tok, grid, codebook_
 def main(argv: list[str] | None = None) -> dict:
     """The command: any error ends in one `error: ...` line (SystemExit), as on the command line."""
     return run_cli(run, EncodeConfig, __doc__, argv)
-
-
-REQUIRED = ("format", "version", "kind", "tokenizer", "resolution", "grid", "count",
-            "num_classes", "class_names", "shards", "variants")
-
-
-def read_meta(cache_dir: str | Path) -> dict:
-    """Validated meta.json of a complete code cache, with a clear error for anything else."""
-    d = Path(cache_dir)
-    how = f"create it with `{ENCODE_COMMAND}`"
-    if not d.is_dir():
-        raise FileNotFoundError(f"code cache folder {d} not found; {how}")
-    path = d / "meta.json"
-    if not path.is_file():
-        if (d / "encode_config.json").is_file() or any(d.glob("codes_*.npy")):
-            raise ValueError(f"code cache {d} is incomplete (no meta.json): the encode run was "
-                             f"interrupted. Re-run the same `python -m tokenizer.encode` command "
-                             f"to finish it; finished shards are kept.")
-        raise FileNotFoundError(f"{d} has no meta.json and is not a code cache; {how}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete {d} and re-run the encode command") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, found {found}; "
-                         f"re-create the cache with this version's encode command")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise ValueError(f"{path}: missing fields {missing}; re-create the cache")
-    absent = [f for s in meta["shards"] for f in (s["codes"], s["labels"]) if not (d / f).is_file()]
-    if absent:
-        raise ValueError(f"code cache {d} is incomplete: {absent[:4]} missing; re-run the encode "
-                         f"command that made it")
-    return meta
 
 
 if __name__ == "__main__":
