@@ -121,3 +121,8 @@ def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
     assert np.array_equal(np.load(out / "samples_12.npz")["arr_0"], packed)
     assert again["metrics"]["fid"] == pytest.approx(result["metrics"]["fid"], abs=1e-6)
     assert len(table.read_text().splitlines()) == 4
+
+    # finished: running it again keeps metrics.json and adds no row for the same numbers
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "metrics.json", table)}
+    assert reproduce.main(cfg, extractor)["metrics"] == again["metrics"]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
