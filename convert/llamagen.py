@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from ar.checkpoint import GENERATOR_KIND
-from ar.config import ConfigError, parse_cli, to_yaml
+from ar.config import ConfigError, check_fields, run_cli, to_yaml
 from ar.dist import get_logger
 from ar.io import save_weights, sha256_file
 from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
@@ -310,6 +310,10 @@ class GPTConvertConfig:
     num_classes: int = 0  # 0: rows of the class table minus the null row
     class_names: str = ""  # text file with one class name per line; empty: "class 0", "class 1", ...
 
+    def validate(self) -> None:
+        check_fields(self, "", {"layout": LAYOUTS, "image_size": ">= 0", "downsample": ">= 0",
+                                "n_head": ">= 0", "num_classes": ">= 0"})
+
 
 @dataclass
 class VQConvertConfig:
@@ -318,6 +322,9 @@ class VQConvertConfig:
     layout: str = "auto"  # auto | ddp ("model") | fsdp (raw state dict) | deepspeed ("module")
     use_ema: bool = False  # ddp: convert the "ema" weights
     l2_norm: bool = True  # l2-normalised codebook (LlamaGen VQ-16: true; not visible in the shapes)
+
+    def validate(self) -> None:
+        check_fields(self, "", {"layout": LAYOUTS})
 
 
 def _source(path: Path, layout: str, entry, dropped) -> dict:
@@ -439,11 +446,7 @@ def main(argv: list[str] | None = None) -> Path:
     rest = args[1:]
     if rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"ckpt={rest[0]}"] + rest[1:]  # the checkpoint as a bare path
-    cfg = parse_cli(schema, rest, doc=__doc__)
-    try:
-        return convert(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to do
-        sys.exit(f"error: {e}")
+    return run_cli(convert, schema, __doc__, rest)  # any error: one line naming what to fix
 
 
 if __name__ == "__main__":
