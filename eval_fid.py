@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List
 
-from ar.config import ConfigError, check_fields, run_cli
-from ar.dist import get_logger
-from ar.io import atomic_write_text
+from common.config import ConfigError, check_fields, run_cli
+from common.dist import get_logger
+from common.io import atomic_write_text
 from evaluation import METRICS, InceptionExtractor, load_reference, make_reference, score
 from evaluation.inputs import NPZ_ADVICE, ImageSource, open_images, require_two_images
 from evaluation.reference import HOW_TO_GET_REF, Reference

@@ -21,7 +21,8 @@ Stages; re-running the same command resumes where it stopped:
               labels), bicubic-resized to eval_size when the generation resolution differs
               (LlamaGen: 384 -> 256), streamed, so 50k images never sit in memory at once
   4. score    evaluation.score against ref -> OUT/metrics.json, then the row in `table`.
-Re-running a finished run scores it again and adds another row. Several machines: run sample.py
+Re-running a finished run keeps its metrics.json and adds no second row (new samples, another
+reference or another Inception network score again and add one). Several machines: run sample.py
 under a multi-node torchrun with the settings in OUT/samples/settings.json on a shared folder,
 then re-run this command: it finds every shard done, packs and scores.
 """
@@ -40,9 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ar.config import ConfigError, check_fields, load_config, run_cli
-from ar.dist import get_logger
-from ar.io import atomic_write_text, sha256_file
+from common import precision
+from common.config import ConfigError, check_fields, load_config, run_cli
+from common.dist import get_logger, pick_device
+from common.io import atomic_write_text, sha256_file
+from common.precision import PRECISIONS
 from convert.llamagen import LAYOUTS, GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
 from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
@@ -56,7 +59,7 @@ ROOT = Path(__file__).resolve().parent
 
 # the settings' allowed values; num_images >= 2: FID estimates a covariance
 RANGES = {"labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
-          "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda"),
+          "precision": PRECISIONS, "device": ("auto", "cpu", "cuda"),
           "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
           "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0"}
 
@@ -79,7 +82,7 @@ class ReproduceConfig:
     batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
     shard_size: int = 500  # images per shard, the unit of resumption
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
-    precision: str = "auto"  # sampling precision: auto (bf16 on GPU, as LlamaGen) | bf16 | fp32
+    precision: str = "auto"  # sampling: auto (bf16 where native: GPUs as LlamaGen, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     compile: bool = False  # compile the decode step into a CUDA graph (GPU; faster for 50k images)
     device: str = "auto"  # auto | cpu | cuda, for sampling and scoring
     nproc: int = 0  # sampling processes; 0: one per visible GPU (1 without a GPU)
@@ -193,10 +196,8 @@ def _devices(cfg: ReproduceConfig, nproc: int) -> str:
 
 
 def _precision(cfg: ReproduceConfig) -> str:
-    """What sample.py's precision=auto resolved to: bf16 on a GPU, fp32 on the CPU."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if cfg.device != "cpu" and torch.cuda.is_available() else "fp32"
+    """What sample.py's precision resolved to on the device it sampled on."""
+    return precision.resolved(cfg.precision, pick_device(cfg.device))
 
 
 TABLE_HEADER = [

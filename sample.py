@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ar import dist
 from ar.checkpoint import load_generator
-from ar.config import ConfigError, check_fields, check_paths, run_cli
-from ar.io import DiskFullError, atomic_write_text, sha256_file
+from common import dist, precision
+from common.config import ConfigError, check_fields, check_paths, run_cli
+from common.io import DiskFullError, atomic_write_text, sha256_file
+from common.precision import PRECISIONS
 from sampling import noise
 from sampling.generate import SamplingConfig, compiled_decode_step, generate
 from sampling.outputs import decode_codes, npz_done, pack_npz, save_grid, shard_done, write_shard
@@ -48,7 +49,7 @@ class SampleRunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
     npz: bool = True  # images mode: pack OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) at the end
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where native: GPUs, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     compile: bool = False  # compile the decode step into a CUDA graph (GPU; first batch is slow)
 
     def validate(self) -> None:
@@ -56,14 +57,14 @@ class SampleRunConfig:
                                 "labels": ("balanced", "random"), "per_class": ">= 1",
                                 "batch_size": ">= 1", "shard_size": ">= 1",
                                 "device": ("auto", "cpu", "cuda"),
-                                "precision": ("auto", "bf16", "fp32")})
+                                "precision": PRECISIONS})
         if self.classes is not None and (not self.classes or min(self.classes) < 0):
             raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
 
 
 def load_models(cfg: SampleRunConfig, device: torch.device, log):
     model = load_generator(cfg.weights, device)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+    if precision.use_bf16(cfg.precision, device):
         model = model.to(torch.bfloat16)
     spec = model.spec
     from tokenizer import load_tokenizer

@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from ar import dist
 from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
                            load_resume, save_resume)
-from ar.config import ConfigError, check_paths, run_cli, to_yaml
 from ar.data import BatchStream, CodeCache
 from ar.ema import EMA
-from ar.io import DiskFullError, atomic_write_text, translate_disk_full
 from ar.model import ARModel, GeneratorSpec
 from ar.optim import deepspeed_config, lr_at, make_adamw
 from ar.schema import RunConfig
+from common import dist, precision
+from common.config import ConfigError, check_paths, run_cli, to_yaml
+from common.io import DiskFullError, atomic_write_text, translate_disk_full
 
 
 def make_spec(cfg: RunConfig, cache: CodeCache) -> GeneratorSpec:
@@ -57,38 +56,10 @@ def batch_layout(cfg: RunConfig, world: int) -> tuple[int, int]:
     return micro, g // (world * micro)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """"auto" takes bf16 where the hardware computes it natively: GPUs, and CPUs with
-    AVX512-BF16 or AMX (there bf16 matmuls run ~2.6x faster than fp32)."""
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
-
-
-def cpu_has_bf16() -> bool:
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device):
-    """The forward pass's numerics for train.precision: bf16 autocast or nothing."""
-    if not use_bf16(precision, device):
-        yield
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        if device.type == "cpu":
-            # the CPU flash-attention kernel's bf16 backward is slower than plain matmuls
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        else:
-            yield
-
-
 def autocast(cfg: RunConfig, device: torch.device):
     if cfg.train.engine == "deepspeed":  # DeepSpeed runs the model in bf16 itself
         return contextlib.nullcontext()
-    return precision_context(cfg.train.precision, device)
+    return precision.autocast(cfg.train.precision, device)
 
 
 @dataclass
@@ -106,7 +77,7 @@ def build_engine(cfg: RunConfig, model: ARModel, info: dist.DistInfo, micro: int
     if t.engine == "deepspeed":
         import deepspeed  # imported lazily: a heavy import that only this path needs
 
-        bf16 = use_bf16(t.precision, info.device)
+        bf16 = precision.use_bf16(t.precision, info.device)
         ds_cfg = deepspeed_config(t.global_batch, micro, accum, t.grad_clip, t.zero_stage, bf16)
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")

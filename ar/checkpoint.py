@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ar import dist
-from ar.config import from_yaml, to_yaml
-from ar.io import (DiskFullError, atomic_write_text, load_state_strict, read_weights, save_weights,
-                   translate_disk_full)
 from ar.model import ARModel, GeneratorSpec
+from common import dist
+from common.config import from_yaml, to_yaml
+from common.io import (DiskFullError, atomic_write_text, load_state_strict, read_weights, save_weights,
+                   translate_disk_full)
 
 GENERATOR_KIND = "generator"
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ar.conditioning import LabelEmbedder
-from ar.config import ConfigError, check_fields
 from ar.heads import HEADS
 from ar.orders import ORDERS
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
+from common.config import ConfigError, check_fields
 
 ##################################################################################
 #                                  Configs                                       #

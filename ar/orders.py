@@ -1,31 +1,63 @@
-"""Generation orders: how a (h, w) code grid becomes the sequence the transformer models.
+"""Generation orders: how a (h, w) code grid becomes a sequence of steps.
 
-An order owns the permutation (grid -> sequence and back), the grid coordinates of each
-sequence element (for 2D RoPE) and the attention mask over the sequence. `group_size` is the
-number of tokens produced per autoregressive step (1 for raster; >1 for the next-X orders that
-later issues add). Orders are pure index maps: no parameters.
+An order owns
+  - the permutation between the row-major grid and the sequence (`perm`, `inv`),
+  - the grid coordinates of each sequence element (for 2D RoPE),
+  - the steps: step s is the sequence span [starts[s], starts[s + 1]), generated at once,
+  - the step id of every element (`step_of`) and its index inside its step (`index_in_step`).
+Orders are pure index maps on the CPU: no parameters. The attention rule built from the steps
+(block-causal, inclusive of the own step when its inputs are known) lives with the inputs
+(`ar/inputs.py`), since where a step's inputs sit in the sequence is theirs to say.
+
+    raster        one token per step, row by row (LlamaGen)
+    cell k        k x k cells in raster order, raster inside a cell (xAR's next-cell, any k
+                  dividing both grid sides; xAR's release fixes k = 8 on 16 x 16)
+    subsample s   s x s offsets in raster order; step j is the strided sub-grid of offset j
+                  (every s-th row and column): each step spans the whole image
+    whole         the whole grid in one step
 """
 
 from __future__ import annotations
 
 import torch
 
+CPU = torch.device("cpu")  # index maps live on the CPU, even when a model is built on meta
+
 
 class Order:
     name = "base"
-    group_size = 1  # tokens emitted per autoregressive step
 
     def __init__(self, grid_h: int, grid_w: int):
         self.grid_h, self.grid_w = grid_h, grid_w
         self.num_tokens = grid_h * grid_w
-        perm = self.permutation()
-        if sorted(perm.tolist()) != list(range(self.num_tokens)):
+        perm, sizes = self.layout()
+        if sorted(perm.tolist()) != list(range(self.num_tokens)) or sum(sizes) != self.num_tokens:
             raise ValueError(f"order {self.name} does not give a permutation of the grid")
         self.perm = perm  # (N,): sequence index -> row-major grid index
         self.inv = torch.argsort(perm)  # (N,): row-major grid index -> sequence index
+        self.step_sizes = list(sizes)  # tokens of each step
+        self.num_steps = len(sizes)
+        self.starts = [0]
+        for size in sizes:
+            self.starts.append(self.starts[-1] + size)
+        self.step_of = torch.repeat_interleave(torch.arange(self.num_steps, device=CPU),
+                                               torch.tensor(sizes, device=CPU))  # (N,)
+        first = torch.tensor(self.starts[:-1], device=CPU)  # (S,) first element of each step
+        self.index_in_step = torch.arange(self.num_tokens, device=CPU) - first[self.step_of]  # (N,)
 
-    def permutation(self) -> torch.Tensor:
+    def layout(self) -> tuple[torch.Tensor, list[int]]:
+        """(perm (N,), tokens per step)."""
         raise NotImplementedError
+
+    @property
+    def group_size(self) -> int:
+        """Tokens per step when every step has the same size (all orders here)."""
+        if len(set(self.step_sizes)) != 1:
+            raise ValueError(f"order {self.name} has steps of different sizes")
+        return self.step_sizes[0]
+
+    def span(self, step: int) -> tuple[int, int]:
+        return self.starts[step], self.starts[step + 1]
 
     def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) or (B, h*w) grid codes -> (B, N) sequence."""
@@ -41,19 +73,85 @@ class Order:
         """Grid (rows, cols) of each sequence element, each (N,)."""
         return self.perm // self.grid_w, self.perm % self.grid_w
 
-    def attention_mask(self, prefix: int) -> torch.Tensor | None:
-        """Boolean "may attend" mask over [prefix conditions + sequence], or None when plain
-        causal attention is right (the fast SDPA path)."""
-        return None
+    def __repr__(self) -> str:
+        return (f"{self.name}({self.grid_h}x{self.grid_w}: {self.num_steps} steps of "
+                f"{self.step_sizes[0]})")
 
 
 class RasterOrder(Order):
-    """Row by row, left to right: LlamaGen's order."""
+    """Row by row, left to right, one token per step: LlamaGen's order."""
 
     name = "raster"
 
-    def permutation(self) -> torch.Tensor:
-        return torch.arange(self.num_tokens, device="cpu")  # index maps live on the CPU
+    def layout(self):
+        return torch.arange(self.num_tokens, device=CPU), [1] * self.num_tokens
 
 
-ORDERS: dict[str, type[Order]] = {"raster": RasterOrder}
+def _divides(k: int, grid_h: int, grid_w: int, key: str) -> None:
+    if k < 1 or grid_h % k or grid_w % k:
+        raise ValueError(f"{key}={k} must divide both sides of the {grid_h}x{grid_w} code grid")
+
+
+class CellOrder(Order):
+    """k x k cells in raster order; inside a cell, raster order (xAR's next-cell)."""
+
+    name = "cell"
+
+    def __init__(self, grid_h: int, grid_w: int, cell: int = 2):
+        _divides(cell, grid_h, grid_w, "model.cell")
+        self.k = cell
+        super().__init__(grid_h, grid_w)
+
+    def layout(self):
+        k, h, w = self.k, self.grid_h, self.grid_w
+        grid = torch.arange(self.num_tokens, device=CPU).view(h // k, k, w // k, k)  # (hk, r, wk, c)
+        perm = grid.permute(0, 2, 1, 3).reshape(-1)  # cells in raster order, raster inside
+        return perm, [k * k] * (self.num_tokens // (k * k))
+
+    def __repr__(self) -> str:
+        return f"cell{self.k}" + super().__repr__()[len(self.name):]
+
+
+class SubsampleOrder(Order):
+    """s x s offsets in raster order; step j is the sub-grid of offset j, every s-th row and
+    column, itself in raster order. Each step covers the whole image at 1/s resolution."""
+
+    name = "subsample"
+
+    def __init__(self, grid_h: int, grid_w: int, stride: int = 2):
+        _divides(stride, grid_h, grid_w, "model.subsample")
+        self.s = stride
+        super().__init__(grid_h, grid_w)
+
+    def layout(self):
+        s, h, w = self.s, self.grid_h, self.grid_w
+        grid = torch.arange(self.num_tokens, device=CPU).view(h // s, s, w // s, s)  # (row/s, dr, col/s, dc)
+        perm = grid.permute(1, 3, 0, 2).reshape(-1)  # offsets (dr, dc) in raster order, outer
+        return perm, [self.num_tokens // (s * s)] * (s * s)
+
+    def __repr__(self) -> str:
+        return f"subsample{self.s}" + super().__repr__()[len(self.name):]
+
+
+class WholeOrder(Order):
+    """The whole grid in one step (raster order inside it)."""
+
+    name = "whole"
+
+    def layout(self):
+        return torch.arange(self.num_tokens, device=CPU), [self.num_tokens]
+
+
+ORDERS: dict[str, type[Order]] = {"raster": RasterOrder, "cell": CellOrder,
+                                  "subsample": SubsampleOrder, "whole": WholeOrder}
+
+
+def make_order(name: str, grid_h: int, grid_w: int, cell: int = 2, subsample: int = 2) -> Order:
+    """An order by registry name, with its size parameter where it has one."""
+    if name not in ORDERS:
+        raise ValueError(f"model.order={name!r}; choose one of {sorted(ORDERS)}")
+    if name == "cell":
+        return CellOrder(grid_h, grid_w, cell)
+    if name == "subsample":
+        return SubsampleOrder(grid_h, grid_w, subsample)
+    return ORDERS[name](grid_h, grid_w)

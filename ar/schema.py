@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ar.config import ConfigError, check_fields
 from ar.model import ModelConfig
+from common.config import ConfigError, check_fields
 from sampling.generate import SamplingConfig
 
 

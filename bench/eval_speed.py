@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.config import parse_cli  # noqa: E402
-from bench.common import device_label, print_table  # noqa: E402
+from bench.report import device_label, print_table  # noqa: E402
+from common.config import parse_cli  # noqa: E402
 from evaluation.inception import InceptionExtractor  # noqa: E402
 
 

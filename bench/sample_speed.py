@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.config import parse_cli  # noqa: E402
-from bench.common import device_label, print_table  # noqa: E402
-from ar.dist import pick_device  # noqa: E402
 from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
+from bench.report import device_label, print_table  # noqa: E402
+from common.config import parse_cli  # noqa: E402
+from common.dist import pick_device  # noqa: E402
 from sampling import noise  # noqa: E402
 from sampling.generate import SamplingConfig, compiled_decode_step, generate  # noqa: E402
 

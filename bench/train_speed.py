@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.config import parse_cli  # noqa: E402
-from bench.common import device_label, print_table  # noqa: E402
-from ar.dist import pick_device  # noqa: E402
 from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
 from ar.optim import make_adamw  # noqa: E402
-from train_gen import precision_context, use_bf16  # noqa: E402
+from bench.report import device_label, print_table  # noqa: E402
+from common import precision  # noqa: E402
+from common.config import parse_cli  # noqa: E402
+from common.dist import pick_device  # noqa: E402
 
 
 @dataclass
@@ -57,7 +57,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     model = ARModel(spec).to(device).train()
     opt = make_adamw(model, 1e-4, (0.9, 0.95), 0.05, device)
     forward = torch.compile(model) if cfg.compile else model
-    bf16 = use_bf16(cfg.precision, device)
+    bf16 = precision.use_bf16(cfg.precision, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_tok = spec.grid_h * spec.grid_w
     print(f"# {cfg.size}: {n_params / 1e6:.1f}M params, {n_tok} tokens/image, "
@@ -71,7 +71,7 @@ def main(cfg: BenchConfig) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
 
         def step():
-            with precision_context(cfg.precision, device):  # exactly what train_gen.py does
+            with precision.autocast(cfg.precision, device):  # exactly what train_gen.py does
                 loss = forward(codes, labels)["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -50,10 +50,10 @@ from pathlib import Path
 import torch
 
 from ar.checkpoint import GENERATOR_KIND
-from ar.config import ConfigError, check_fields, run_cli, to_yaml
-from ar.dist import get_logger
-from ar.io import save_weights, sha256_file
 from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
+from common.config import ConfigError, check_fields, run_cli, to_yaml
+from common.dist import get_logger
+from common.io import save_weights, sha256_file
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
 

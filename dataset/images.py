@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ar.io import atomic_path
+from common.io import atomic_path
 
 # Lower-case suffixes a class folder may hold; anything else (captions, .DS_Store, temp files) is
 # ignored rather than fed to PIL.

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ar.config import ConfigError, run_cli
-from ar.io import atomic_write_text
+from common.config import ConfigError, run_cli
+from common.io import atomic_write_text
 from dataset.images import save_png
 
 # Alphabetical on purpose: ClassFolderDataset labels classes by their sorted folder names (the

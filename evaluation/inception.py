@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ar.dist import pick_device
+from common.dist import pick_device
 from evaluation.weights import load_inception_state, resolve_weights
 
 # ADM reads `mixed_6/conv:0` (TF scope mixed_6 = torchvision Mixed_6d; its `conv` is the 1x1

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ar.io import atomic_path, sha256_file
+from common.io import atomic_path, sha256_file
 from evaluation.inception import SPATIAL_DIM, InceptionExtractor
 from evaluation.inputs import (ImageSource, NpzImages, open_images, require_npz,
                                require_two_images)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ar.dist import get_logger
+from common.dist import get_logger
 from evaluation.inception import InceptionExtractor
 from evaluation.inputs import LOSSY_SUFFIXES, ImageSource, open_images, require_two_images
 from evaluation.metrics import (frechet_distance_to_features, gaussian_stats, inception_score,

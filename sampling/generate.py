@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ar.config import check_fields
+from common.config import check_fields
 from sampling import noise
 from sampling.logits import CFG_SCHEDULES, cfg_scale_at
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ar.io import atomic_dir, atomic_path
+from common.io import atomic_dir, atomic_path
 from dataset.images import to_uint8
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.config import parse_cli  # noqa: E402
+from common.config import parse_cli  # noqa: E402
 from evaluation.weights import CACHE_INFO, ensure_inception  # noqa: E402
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(ROOT))
 
-from ar.io import atomic_write_text  # noqa: E402
+from common.io import atomic_write_text  # noqa: E402
 RUN = "runs/quickstart"
 DATA = "data/shapes32"
 PY = sys.executable

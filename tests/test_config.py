@@ -2,8 +2,8 @@
 
 import pytest
 
-from ar.config import ConfigError, describe, from_yaml, load_config, to_yaml
 from ar.schema import RunConfig
+from common.config import ConfigError, describe, from_yaml, load_config, to_yaml
 
 
 def test_files_then_overrides_merge_in_order(tmp_path):

@@ -1,13 +1,12 @@
 """Every shipped config is valid under its schema, and the ImageNet ones build their model."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from ar.config import load_config
 from ar.model import ARModel, GeneratorSpec
 from ar.schema import RunConfig
+from common.config import load_config
 from conftest import ROOT
 
 GEN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "imagenet256").glob("*.yaml"))

@@ -23,7 +23,7 @@ from PIL import Image
 import eval_fid
 import evaluation
 import reproduce
-from ar.config import ConfigError, error_line, load_config
+from common.config import ConfigError, error_line, load_config
 from conftest import ROOT
 from evaluation.inception import SPATIAL_DIM, Features, InceptionExtractor
 from evaluation.reference import POOL_DIM, Reference, load_reference, make_reference

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import reproduce
-from ar.config import load_config
+from common.config import load_config
 from conftest import FIXTURES, ROOT
 from evaluation import InceptionExtractor, WeightsNotFoundError, make_reference, resolve_weights
 from sampling.outputs import pack_npz, write_shard

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ar.checkpoint import export_generator
-from ar.io import sha256_file
 from ar.model import ARModel
+from common.io import sha256_file
 from conftest import ROOT, tiny_spec
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.vq import VQConfig

@@ -4,10 +4,10 @@ import math
 
 import torch
 
+from conftest import tiny_model
 from sampling import noise
 from sampling.generate import SamplingConfig, generate
 from sampling.logits import cfg_scale_at, combine_cfg, process_logits, sample_categorical, top_k_mask, top_p_mask
-from conftest import tiny_model
 
 
 def test_cfg_combination_equals_formula():

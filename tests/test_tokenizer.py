@@ -54,7 +54,7 @@ def test_state_dict_keys_match_llamagen():
 @needs_fixtures
 def test_vq16_recipe_matches_llamagen_manifest():
     """configs/tokenizer/vq16_imagenet256.yaml builds LlamaGen's released VQ-16 layout."""
-    from ar.config import load_config
+    from common.config import load_config
     from tokenizer.train import TokenizerTrainConfig
 
     root = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_load_errors_name_the_file(tmp_path):
         load_tokenizer(junk)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_tokenizer(tmp_path / "missing.safetensors")
-    from ar.io import save_weights
+    from common.io import save_weights
 
     foreign = tmp_path / "gen.safetensors"
     save_weights(foreign, {"w": torch.zeros(2)}, kind="generator", config_yaml="a: 1\n")
@@ -199,7 +199,7 @@ def test_load_errors_name_the_file(tmp_path):
     cfg = tiny_cfg()
     state = VQModel(cfg).state_dict()
     state.pop("decoder.conv_out.bias")
-    from ar.config import to_yaml
+    from common.config import to_yaml
 
     broken = tmp_path / "broken.safetensors"
     save_weights(broken, state, kind="tokenizer", config_yaml=to_yaml(cfg))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ar.checkpoint import export_generator, load_generator
-from ar.io import load_state_strict, read_weights
 from ar.model import ARModel
+from common.io import load_state_strict, read_weights
 from conftest import ROOT, make_code_cache, tiny_model, tiny_spec
 
 BASE = ["model.size=debug", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ar.io import read_weights
+from common.io import read_weights
 from conftest import make_code_cache
 from test_train import ROOT, run_train, train_cmd
 

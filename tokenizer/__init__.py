@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ar.config import ConfigError, from_yaml, to_yaml
-from ar.io import load_state_strict, read_weights, save_weights
+from common.config import ConfigError, from_yaml, to_yaml
+from common.io import load_state_strict, read_weights, save_weights
 from tokenizer.base import ImageTokenizer
 from tokenizer.vq import VQConfig, VQModel
 

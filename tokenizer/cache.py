@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ar.io import atomic_path, atomic_write_text
+from common.io import atomic_path, atomic_write_text
 from dataset.folder import ClassFolderDataset
 
 FORMAT, VERSION = "argen-code-cache", 1

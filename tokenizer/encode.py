@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ar.config import ConfigError, check_fields, run_cli
-from ar.dist import barrier, cleanup, get_logger, init_distributed
-from ar.io import sha256_file
+from common.config import ConfigError, check_fields, run_cli
+from common.dist import barrier, cleanup, get_logger, init_distributed
+from common.io import sha256_file
 from dataset.folder import ClassFolderDataset
 from dataset.images import ImageReadError
 from tokenizer import load_tokenizer, read_tokenizer_config

@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ar.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
-from ar.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
-from ar.io import DiskFullError, atomic_torch_save, atomic_write_text
+from common.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
+from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
+from common.io import DiskFullError, atomic_torch_save, atomic_write_text
 from dataset.folder import ClassFolderDataset
 from dataset.images import save_png, to_uint8
 from tokenizer import build_tokenizer, save_tokenizer

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar.config import ConfigError, check_fields
+from common.config import ConfigError, check_fields
 from tokenizer.base import ImageTokenizer
 
 
