@@ -52,6 +52,7 @@ from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weig
 from evaluation.inputs import open_images
 from evaluation.score import kept_result, score_settings
 from sampling.generate import SamplingConfig
+from sampling import run as sampling_run
 from sampling.outputs import pack_npz, shard_done
 
 ROOT = Path(__file__).resolve().parent
@@ -124,18 +125,17 @@ def process_count(cfg: ReproduceConfig) -> int:
 
 
 def run_sampling(cfg: ReproduceConfig, weights: Path, folder: Path, nproc: int, log) -> None:
-    import sample as sampler  # the entry script beside this one
-
     overrides = sample_overrides(cfg, weights, folder)
-    sample_cfg = load_config(sampler.SampleRunConfig, overrides=overrides)
-    sampler.check_out_folder(sample_cfg, folder)  # refuses shards made with other settings
+    sample_cfg = load_config(sampling_run.SampleRunConfig, overrides=overrides)
+    # refuses shards made with other settings
+    sampling_run.check_out_folder(sample_cfg, folder, pick_device(cfg.device))
     todo = [k for k in range(-(-cfg.num_images // cfg.shard_size)) if not shard_done(folder, k)]
     if not todo:
         log.info(f"{folder}: all {cfg.num_images} images already sampled")
         return
     log.info(f"sampling {len(todo)} shards of {cfg.shard_size} into {folder} with {nproc} process(es)")
     if nproc == 1:
-        sampler.main(sample_cfg)
+        sampling_run.run(sample_cfg)
         return
     proc = subprocess.run(sample_command(nproc, overrides), cwd=ROOT)
     if proc.returncode != 0:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
                            load_resume, save_resume)
+from ar.conditioning import ClassCondition
 from ar.data import BatchStream, CodeCache
 from ar.ema import EMA
 from ar.model import ARModel, GeneratorSpec
@@ -94,23 +95,25 @@ def build_engine(cfg: RunConfig, model: ARModel, info: dist.DistInfo, micro: int
 
 
 def train_step(cfg: RunConfig, eng: Engine, model: ARModel, stream: BatchStream, samples: int,
-               info: dist.DistInfo, micro: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step over the global batch; returns ([loss, acc] on this rank, grad norm)."""
-    stats = torch.zeros(2, device=info.device)
+               info: dist.DistInfo, micro: int, accum: int) -> tuple[dict, torch.Tensor]:
+    """One optimiser step over the global batch; returns (the head's metrics on this rank,
+    loss included, averaged over the micro-batches; grad norm)."""
+    stats: dict[str, torch.Tensor] = {}
     for m in range(accum):
         offset = samples + (m * info.world_size + info.rank) * micro  # this rank's slice
-        codes, labels = stream.batch(offset, micro)
+        codes, cond = stream.batch(offset, micro)
         # gradients are all-reduced on the last micro-step only
         sync = eng.ddp.no_sync() if eng.ddp is not None and m < accum - 1 else contextlib.nullcontext()
         with sync:
             with autocast(cfg, info.device):
-                out = eng.forward(codes.to(info.device, non_blocking=True), labels.to(info.device))
+                out = eng.forward(codes.to(info.device, non_blocking=True), cond.to(info.device))
             if eng.deepspeed is not None:
                 eng.deepspeed.backward(out["loss"])  # DeepSpeed divides by the accumulation steps
                 eng.deepspeed.step()
             else:
                 (out["loss"] / accum).backward()
-        stats += torch.stack([out["loss"].detach().float(), out["acc"].float()]) / accum
+        for name, value in out.items():
+            stats[name] = stats.get(name, 0.0) + value.detach().float() / accum
     if eng.deepspeed is not None:
         return stats, torch.tensor(float(eng.deepspeed.get_global_grad_norm() or 0.0))
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -134,7 +137,7 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
     tokenizer = load_tokenizer(spec.tokenizer_path, device=device)
     classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
     labels = torch.tensor(classes, device=device).repeat_interleave(cfg.grid.per_class)
-    codes = generate(ema_model, labels, torch.arange(len(labels), device=device), cfg.grid.seed,
+    codes = generate(ema_model, ClassCondition(labels), torch.arange(len(labels), device=device), cfg.grid.seed,
                      cfg.grid.sampling)
     images = decode_codes(tokenizer, codes)
     save_grid(images, cfg.grid.per_class, path, [spec.class_names[c] for c in classes])
@@ -216,11 +219,13 @@ def main(cfg: RunConfig) -> dict:
     step, samples = 0, 0
     # the losses of the steps since the last log line: kept in checkpoints, so a resumed run logs
     # the same averages as an uninterrupted one whatever ckpt_every and log_every are
-    window, window_steps = torch.zeros(2, device=info.device), 0
+    window, window_steps = {}, 0
     if ckpt is not None:
         step, samples, rank_state = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
         if "log_window" in rank_state:
-            window, window_steps = rank_state["log_window"].to(info.device), int(rank_state["log_steps"])
+            names = rank_state.get("log_names", ["loss", "acc"])  # older checkpoints: the two
+            window = dict(zip(names, rank_state["log_window"].to(info.device).unbind()))
+            window_steps = int(rank_state["log_steps"])
         log.info(f"resumed from {ckpt} at step {step}")
     writer, saved_step, last = None, step, {}
     if info.is_main:
@@ -244,21 +249,22 @@ def main(cfg: RunConfig) -> dict:
             stats, norm = train_step(cfg, eng, model, stream, samples, info, micro, accum)
             ema.update(model, step)
             step, samples = step + 1, samples + cfg.train.global_batch
-            window, window_steps = window + stats, window_steps + 1
+            window = {k: window.get(k, 0.0) + v for k, v in stats.items()}
+            window_steps += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                loss, acc = (dist.all_reduce_mean(window) / window_steps).tolist()
                 speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
-                last = {"step": step, "loss": loss, "acc": acc, "lr": lr, "grad_norm": float(norm),
-                        "samples_per_s": speed, "tokens_per_s": speed * spec.grid_h * spec.grid_w}
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                last = {"step": step, **window_means(window, window_steps), "lr": lr,
+                        "grad_norm": float(norm), "samples_per_s": speed,
+                        "tokens_per_s": speed * spec.grid_h * spec.grid_w}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
                 if writer is not None:
                     _log_metrics(run, writer, last)
-                window, window_steps, t_log = torch.zeros_like(window), 0, time.time()
+                window, window_steps, t_log = {}, 0, time.time()
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
                 save_resume(run, step, samples, model, eng.optimizer, ema, info, cfg.train.keep_ckpts,
                             eng.deepspeed, identity,
-                            {"log_window": window.cpu(), "log_steps": window_steps})
+                            window_state(window, window_steps))
                 saved_step = step
                 if info.is_main:
                     export_generator(run / "weights" / f"step_{step:07d}.safetensors", ema.model,
@@ -275,6 +281,24 @@ def main(cfg: RunConfig) -> dict:
     dist.barrier()
     dist.cleanup()
     return last
+
+
+def _names(window: dict) -> list[str]:
+    return sorted(window, key=lambda k: (k != "loss", k))  # the loss first, then the head's own
+
+
+def window_means(window: dict, steps: int) -> dict:
+    """The metrics' means over the window's steps and over all processes."""
+    names = _names(window)
+    values = dist.all_reduce_mean(torch.stack([window[k] for k in names])) / steps
+    return dict(zip(names, values.tolist()))
+
+
+def window_state(window: dict, steps: int) -> dict:
+    """This rank's unlogged window, for the checkpoint (tensors and names only)."""
+    names = _names(window)
+    values = torch.stack([window[k] for k in names]).cpu() if names else torch.zeros(0)
+    return {"log_window": values, "log_names": names, "log_steps": steps}
 
 
 def export_final(cfg: RunConfig, run: Path, ema_model: ARModel, spec: GeneratorSpec, step: int,

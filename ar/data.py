@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ar.conditioning import ClassCondition
+
 
 class CodeCache:
     """Memory-mapped codes (N, A, h*w) and labels (N,) across the cache's shards."""
@@ -90,10 +92,10 @@ class BatchStream:
             offset, size = offset + take, size - take
         return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def batch(self, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (size, h, w) and labels (size,), dropped conditions set to the null id."""
+    def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition]:
+        """Codes (size, h, w) and their conditions, dropped ones set to the null class."""
         indices, variants, drop = self.plan(offset, size)
         codes = self.cache.get(indices, variants)
         labels = self.cache.labels[indices].copy()
         labels[drop] = self.cache.num_classes  # the null class
-        return codes, torch.from_numpy(labels)
+        return codes, ClassCondition(torch.from_numpy(labels))

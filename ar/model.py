@@ -1,11 +1,14 @@
-"""The generator: condition prefix + generation order + transformer backbone + prediction head.
+"""The generator: condition + order + inputs + transformer backbone + head.
 
-    codes (B, h, w) --order--> sequence (B, N) --embed--> [cond prefix (B, P, D); tokens]
-        --transformer (causal)--> hidden (B, N, D) --head--> loss | next token
+    codes (B, h, w) --order--> sequence (B, N) --inputs--> [condition prefix (B, P, D); inputs]
+        --transformer (block-causal mask)--> hidden states predicting each element --head-->
+        loss | one step's tokens
 
-`ARModel.forward` is the training path. Inference is split into `prefill` and `decode_step`,
-which write the static KV cache set up by `setup_cache`; the free functions in
-`sampling/generate.py` drive them. Cached decoding equals a full forward pass (tested).
+`ARModel.forward` is the training path. Inference: `prefill(condition)` writes the prefix into
+the static KV cache set up by `setup_cache`, then `extend(x, positions)` feeds T inputs at T
+positions against it; the cache is the model's only mutable inference state. The free
+functions in `sampling/generate.py` drive them step by step. Cached decoding equals a full
+forward pass for every order (tested).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ar.conditioning import LabelEmbedder
+from ar.conditioning import ClassCondition, LabelEmbedder
 from ar.heads import HEADS
-from ar.orders import ORDERS
+from ar.inputs import INPUTS
+from ar.orders import ORDERS, make_order
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
 from common.config import ConfigError, check_fields
 
@@ -35,7 +39,10 @@ class ModelConfig:
     n_head: Optional[int] = None  # override the size's number of attention heads
     n_kv_head: Optional[int] = None  # key/value heads for grouped-query attention (None: = n_head)
     head: str = "token"  # prediction head, a name in ar.heads.HEADS
-    order: str = "raster"  # generation order, a name in ar.orders.ORDERS
+    order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole
+    cell: int = 2  # order=cell: k x k tokens per step (k divides both grid sides)
+    subsample: int = 2  # order=subsample: s x s steps, each the sub-grid of one offset
+    inputs: str = "auto"  # next_token | next_group | auto (next_token for raster, else next_group)
     cond_tokens: int = 1  # number of prefix tokens the class condition occupies
     rope_base: float = 10000.0  # rotary embedding base
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
@@ -58,7 +65,8 @@ class ModelConfig:
             raise ConfigError(f"model.cond_rope={self.cond_rope!r}; choose zero or identity")
         if self.pos_embed not in ("none", "learned"):
             raise ConfigError(f"model.pos_embed={self.pos_embed!r}; choose none or learned")
-        check_fields(self, "model.", {"dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
+        check_fields(self, "model.", {"inputs": ("auto", *INPUTS), "cell": ">= 1", "subsample": ">= 1",
+                                      "dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
                                       "n_kv_head": ">= 1", "cond_tokens": ">= 1", "rope_base": "> 0",
                                       "token_dropout": "[0, 1)", "resid_dropout": "[0, 1)",
                                       "ffn_dropout": "[0, 1)"})
@@ -97,23 +105,25 @@ class ARModel(nn.Module):
         m = spec.model
         a = transformer_args(m)
         self.prefix = m.cond_tokens
-        self.order = ORDERS[m.order](spec.grid_h, spec.grid_w)
+        self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample)
         self.num_tokens = self.order.num_tokens
         self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens)
         self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim)
-        # (num_classes + 1, D): the label's embedding added to every token input, null row included
+        # (num_classes + 1, D): the label's embedding added to every input, null row included
         self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
-        self._cond_bias = None  # (B, 1, D) set by prefill for the decode steps that follow
         self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
                           if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
+        self.inputs = INPUTS[input_kind(m)](self.order, self.prefix, a.dim)
+        self.length = self.prefix + self.inputs.length  # sequence positions, prefix included
         self.transformer = Transformer(a)
         self.head = HEADS[m.head](a.dim, spec.vocab_size)
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.initialize_weights()
 
     def _rope_table(self) -> torch.Tensor:
-        """(P + N, Dh/2, 2): condition positions first, then the sequence's grid positions."""
+        """(P + N, Dh/2, 2): condition positions first, then the sequence's grid positions
+        (position P + i holds element i's input, or token i for next-token)."""
         rows, cols = self.order.coords()
         table = rope_2d(rows, cols, self.transformer.args.head_dim, self.spec.model.rope_base)
         cond = torch.zeros(self.prefix, *table.shape[1:], device=table.device)
@@ -132,71 +142,78 @@ class ARModel(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
-        # ... and a zero output layer, so training starts from uniform predictions
-        nn.init.zeros_(self.head.output.weight)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
+        if hasattr(self.inputs, "initialize"):
+            self.inputs.initialize()
+        self.head.initialize()  # ... and the head its own output layer (zero: uniform predictions)
 
-    def _label_bias(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, D): what model.cond_add adds to every token input; None when it is off."""
-        return None if self.cond_add is None else self.cond_add(labels)[:, None]
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
 
-    def _embed(self, tokens: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Token inputs (B, n) -> (B, n, D), with the label bias when there is one."""
+    def condition(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prefix embeddings (B, P, D), the vector added to every input (B, 1, D) or None)."""
+        vector = None if self.cond_add is None else self.cond_add(cond.labels)[:, None]
+        return self.cond(cond), vector
+
+    def embed_tokens(self, tokens: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        """Token inputs (B, n) -> (B, n, D), plus the condition's vector when there is one."""
         x = self.tok_embeddings(tokens)
-        return x if bias is None else x + bias
+        return x if vector is None else x + vector
 
     def _with_pos(self, x: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
         return x if self.pos_embed is None else x + self.pos_embed[pos].to(x.dtype)
 
+    def attention_mask(self, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The block rule as a boolean "may attend" mask (T, L) for queries at the given
+        positions (all L when None); None where it is plain causal attention (SDPA's fast path)."""
+        blocks = self.inputs.blocks  # (L,)
+        if query_positions is None:
+            return None if self.inputs.causal else blocks[None, :] <= blocks[:, None]
+        return blocks[None, :] <= blocks[query_positions][:, None]
+
     # ------------------------------------------------------------------ training
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> dict:
-        """codes (B, h, w) or (B, N); labels (B,) with the null id for dropped conditions."""
+    def forward(self, codes: torch.Tensor, cond: ClassCondition) -> dict:
+        """codes (B, h, w) or (B, N); cond with the null id for dropped conditions."""
         seq = self.order.to_sequence(codes)  # (B, N)
-        h = self.hidden(seq[:, :-1], labels)  # (B, N, D)
-        loss, metrics = self.head.loss(h, seq)
+        loss, metrics = self.head.loss(self.hidden(seq, cond), seq)
         return {"loss": loss, **metrics}
 
-    def hidden(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced hidden states: inputs (B, n) are sequence tokens 0..n-1; returns
-        (B, n + 1, D), where row i predicts sequence token i."""
-        tokens = self._embed(inputs, self._label_bias(labels))  # (B, n, D)
-        x = torch.cat([self.cond(labels), tokens], dim=1)  # (B, P + n, D)
+    def hidden(self, seq: torch.Tensor, cond: ClassCondition) -> torch.Tensor:
+        """Teacher-forced hidden states (B, N, D): row i predicts sequence element i."""
+        prefix, vector = self.condition(cond)
+        x = torch.cat([prefix, self.inputs.teacher_forced(self, seq, vector)], dim=1)  # (B, L, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
-        h = self.transformer(x, self.rope[: x.shape[1]])  # (B, P + n, D)
-        return h[:, self.prefix - 1:]
+        h = self.transformer(x, self.rope[: x.shape[1]], self.attention_mask())  # (B, L, D)
+        return h[:, self.inputs.out_positions]
 
     # ----------------------------------------------------------------- inference
 
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
-        capacity = self.prefix + self.num_tokens
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        self.transformer.setup_cache(batch, capacity, dtype, self.rope.device)
+        self.transformer.setup_cache(batch, self.length, dtype or self.dtype, self.rope.device)
 
     def clear_cache(self) -> None:
         self.transformer.clear_cache()
-        self._cond_bias = None
 
-    def _cached(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Run x (B, T, D) at sequence positions pos (T,) against the KV cache."""
-        capacity = self.prefix + self.num_tokens
-        keys = torch.arange(capacity, device=pos.device)
-        mask = keys[None, :] <= pos[:, None]  # (T, L): attend to everything written so far
-        return self.transformer(x, self.rope[pos], mask, pos)
+    def extend(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed inputs x (B, T, D) at sequence positions (T,) against the KV cache; returns
+        their hidden states (B, T, D). Positions stay on the device: no host sync."""
+        x = self._with_pos(x, positions)
+        return self.transformer(x, self.rope[positions], self.attention_mask(positions), positions)
 
-    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
-        """Write the condition prefix into the cache; return the hidden state (B, D) that
-        predicts the first token."""
-        pos = torch.arange(self.prefix, device=labels.device)
-        self._cond_bias = self._label_bias(labels)
-        return self._cached(self._with_pos(self.cond(labels), pos), pos)[:, -1]
+    def prefill(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write the condition prefix into the cache; returns its hidden states (B, P, D) and
+        the condition's vector for the inputs that follow (None without model.cond_add)."""
+        prefix, vector = self.condition(cond)
+        return self.extend(prefix, torch.arange(self.prefix, device=prefix.device)), vector
 
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed tokens (B,) at sequence position pos (a 1-element tensor, kept on the device
-        so the loop never syncs); return the hidden state (B, D) predicting the next one."""
-        x = self._with_pos(self._embed(tokens[:, None], self._cond_bias), pos)  # (B, 1, D)
-        return self._cached(x, pos)[:, 0]
+
+def input_kind(m: ModelConfig) -> str:
+    if m.inputs != "auto":
+        return m.inputs
+    return "next_token" if m.order == "raster" else "next_group"
 
 
 ##################################################################################

@@ -53,11 +53,21 @@ def image_keys(seed: int, image_ids: torch.Tensor, stream: int = STREAM_TOKENS) 
 
 
 def uniform(keys: torch.Tensor, step: torch.Tensor | int, size: int) -> torch.Tensor:
-    """Uniform (0, 1) float32 noise (B, size) for one step; `keys` from `image_keys`."""
+    """Uniform (0, 1) float32 noise (B, size) for one counter value; `keys` from `image_keys`."""
     step_keys = _mix(keys, step)  # (B,)
     entries = torch.arange(size, dtype=torch.int64, device=keys.device)
     bits = hash32(step_keys[:, None] ^ hash32(entries * _GOLDEN + 1))  # (B, size)
     # 24 random bits fill a float32 mantissa exactly; the +0.5 keeps 0 and 1 out
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def uniform_elements(keys: torch.Tensor, elements: torch.Tensor, size: int) -> torch.Tensor:
+    """Noise (B, G, size) for the sequence elements (G,) drawn in one step: keyed by each
+    element's sequence index, so a one-token step gets exactly `uniform(keys, index, size)`
+    and an element's noise does not depend on how the order groups it."""
+    element_keys = _mix(keys[:, None], elements[None, :])  # (B, G)
+    entries = torch.arange(size, dtype=torch.int64, device=keys.device)
+    bits = hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1))  # (B, G, size)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 

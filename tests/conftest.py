@@ -36,6 +36,24 @@ def tiny_model(seed: int = 0, **kw) -> ARModel:
     return model
 
 
+@torch.no_grad()
+def cached_logits(model: ARModel, seq: torch.Tensor, cond) -> torch.Tensor:
+    """Logits (B, N, V) of a teacher-forced sequence through the KV cache, step by step as
+    sampling.generate feeds it: what must equal the full forward pass."""
+    order, rows = model.order, len(cond)
+    model.setup_cache(rows)
+    h, vector = model.prefill(cond)
+    steps = []
+    for s in range(order.num_steps):
+        prev = seq[:, slice(*order.span(s - 1))] if s else None
+        fed = model.inputs.step(model, s, prev, vector, rows)
+        if fed is not None:
+            h = model.extend(*fed)
+        lo, hi = order.span(s)
+        steps.append(model.head.logits(h[:, h.shape[1] - (hi - lo):]))
+    return torch.cat(steps, dim=1)
+
+
 @pytest.fixture
 def model() -> ARModel:
     return tiny_model()

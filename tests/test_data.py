@@ -22,9 +22,9 @@ def test_cache_reads_codes_variants_and_labels_across_shards(tmp_path):
 def test_stream_is_deterministic_and_splits_cleanly_over_ranks(tmp_path):
     cache = CodeCache(make_code_cache(tmp_path / "c", n=48))
     stream = BatchStream(cache, seed=3, cond_dropout=0.25)
-    codes, labels = stream.batch(40, 16)  # crosses the epoch boundary at 48
+    codes, cond = stream.batch(40, 16)  # crosses the epoch boundary at 48
     again = BatchStream(cache, seed=3, cond_dropout=0.25).batch(40, 16)
-    assert torch.equal(codes, again[0]) and torch.equal(labels, again[1])
+    assert torch.equal(codes, again[0]) and torch.equal(cond.labels, again[1].labels)
     # two ranks taking 8 each see exactly the global batch
     halves = [stream.batch(40 + r * 8, 8) for r in range(2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), codes)
@@ -36,11 +36,11 @@ def test_stream_is_deterministic_and_splits_cleanly_over_ranks(tmp_path):
 
 def test_condition_dropout_uses_the_null_class(tmp_path):
     cache = CodeCache(make_code_cache(tmp_path / "c", n=48))
-    _, labels = BatchStream(cache, seed=0, cond_dropout=0.5).batch(0, 480)
-    null = (labels == 3).float().mean().item()
+    _, cond = BatchStream(cache, seed=0, cond_dropout=0.5).batch(0, 480)
+    null = (cond.labels == 3).float().mean().item()
     assert 0.4 < null < 0.6
-    _, labels = BatchStream(cache, seed=0, cond_dropout=0.0).batch(0, 48)
-    assert labels.max() < 3
+    _, cond = BatchStream(cache, seed=0, cond_dropout=0.0).batch(0, 48)
+    assert cond.labels.max() < 3
 
 
 def test_missing_or_incomplete_cache_is_a_clear_error(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ar.checkpoint import load_generator
+from ar.conditioning import ClassCondition
 from ar.model import ARModel, transformer_args
 from conftest import FIXTURES
 from convert.llamagen import (GPTConvertConfig, VQConvertConfig, argen_to_llamagen, convert_gpt,
@@ -55,7 +56,7 @@ def gpt(tmp_path, ckpt, name="gpt.safetensors", **kw) -> dict:
 def test_teacher_forced_logits_match(model, ref):
     ids, labels = ref["gpt_input_ids"], ref["gpt_class_labels"]
     with torch.no_grad():
-        logits = model.head.logits(model.hidden(ids[:, :-1], labels))  # (3, 64, 256)
+        logits = model.head.logits(model.hidden(ids, ClassCondition(labels)))  # (3, 64, 256)
     diff = (logits - ref["gpt_teacher_forced_logits"]).abs().max().item()
     print(f"teacher-forced logits: max abs diff {diff:.3g}")
     assert logits.shape == (3, 64, 256) and diff < 1e-5
@@ -64,7 +65,7 @@ def test_teacher_forced_logits_match(model, ref):
 @pytest.mark.parametrize("case,scale", [("cfg4", 4.0), ("nocfg", 1.0)])
 def test_greedy_kv_cache_generation_matches(model, ref, case, scale):
     labels = ref[f"gpt_greedy_{case}_labels"]
-    codes = generate(model, labels, torch.arange(len(labels)), seed=0,
+    codes = generate(model, ClassCondition(labels), torch.arange(len(labels)), seed=0,
                      settings=SamplingConfig(cfg_scale=scale, temperature=0.0))
     tokens = codes.flatten(1)  # raster order = LlamaGen's sequence order
     agree = (tokens == ref[f"gpt_greedy_{case}_tokens"]).float().mean().item()

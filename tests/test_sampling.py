@@ -4,10 +4,12 @@ import math
 
 import torch
 
+from ar.conditioning import ClassCondition
+from ar.logits import combine_cfg, process_logits, sample_categorical, top_k_mask, top_p_mask
 from conftest import tiny_model
 from sampling import noise
 from sampling.generate import SamplingConfig, generate
-from sampling.logits import cfg_scale_at, combine_cfg, process_logits, sample_categorical, top_k_mask, top_p_mask
+from sampling.guidance import cfg_scale_at
 
 
 def test_cfg_combination_equals_formula():
@@ -78,10 +80,11 @@ def test_generate_is_independent_of_batch_composition():
     model = tiny_model()
     settings = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=10)
     labels, ids = torch.tensor([0, 1, 2, 1]), torch.tensor([10, 11, 12, 13])
-    together = generate(model, labels, ids, 5, settings)
-    apart = torch.cat([generate(model, labels[i:i + 1], ids[i:i + 1], 5, settings) for i in range(4)])
+    together = generate(model, ClassCondition(labels), ids, 5, settings)
+    apart = torch.cat([generate(model, ClassCondition(labels[i:i + 1]), ids[i:i + 1], 5, settings)
+                       for i in range(4)])
     assert together.shape == (4, 4, 4) and torch.equal(together, apart)
-    other_seed = generate(model, labels, ids, 6, settings)
+    other_seed = generate(model, ClassCondition(labels), ids, 6, settings)
     assert not torch.equal(together, other_seed)
 
 
@@ -90,10 +93,10 @@ def test_generate_samples_from_the_model_distribution():
     model = tiny_model(grid=1)
     n = 4000
     labels = torch.zeros(n, dtype=torch.long)
-    codes = generate(model, labels, torch.arange(n), 0, SamplingConfig(temperature=1.0))
+    codes = generate(model, ClassCondition(labels), torch.arange(n), 0, SamplingConfig(temperature=1.0))
     with torch.no_grad():
         model.setup_cache(1)
-        probs = model.head.logits(model.prefill(labels[:1]))[0].softmax(-1).double()
+        probs = model.head.logits(model.prefill(ClassCondition(labels[:1]))[0][:, -1])[0].softmax(-1).double()
     counts = torch.bincount(codes.flatten(), minlength=32).double()
     keep = probs * n >= 5  # chi-square needs expected counts of at least 5
     chi2 = ((counts[keep] - probs[keep] * n) ** 2 / (probs[keep] * n)).sum().item()

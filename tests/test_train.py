@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ar.checkpoint import export_generator, load_generator
+from ar.conditioning import ClassCondition
 from ar.model import ARModel
 from common.io import load_state_strict, read_weights
 from conftest import ROOT, make_code_cache, tiny_model, tiny_spec
@@ -108,8 +109,8 @@ def test_weights_round_trip_strictly(tmp_path):
     model = tiny_model()
     path = export_generator(tmp_path / "w.safetensors", model)
     loaded = load_generator(path)
-    x, labels = torch.randint(0, 32, (2, 15)), torch.tensor([0, 1])
-    assert torch.equal(model.hidden(x, labels), loaded.hidden(x, labels))
+    x, cond = torch.randint(0, 32, (2, 16)), ClassCondition(torch.tensor([0, 1]))
+    assert torch.equal(model.hidden(x, cond), loaded.hidden(x, cond))
     assert (tmp_path / "w.yaml").is_file()  # the human-readable config beside it
     tensors, _, _ = read_weights(path, "generator")
     other = ARModel(tiny_spec(dim=128))

@@ -1,14 +1,16 @@
-"""Next-token head: a linear map to codebook logits, cross-entropy loss, categorical sampling."""
+"""Discrete head: a linear map to codebook logits, cross-entropy loss, categorical draws.
+
+It predicts every element of a step independently given the hidden states (B, G, D): one
+token per step for next-token, a whole group for the next-X orders.
+"""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampling.logits import combine_cfg, process_logits, sample_categorical
+from ar.logits import combine_cfg, process_logits, sample_categorical
 
 
 class TokenHead(nn.Module):
@@ -17,21 +19,40 @@ class TokenHead(nn.Module):
         self.vocab_size = vocab_size
         self.output = nn.Linear(dim, vocab_size, bias=False)
 
+    def initialize(self) -> None:
+        # zero output: training starts from uniform predictions (LlamaGen, DiT)
+        nn.init.zeros_(self.output.weight)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h).float()
 
     def loss(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """h (B, N, D) hidden states predicting target (B, N); metrics are free-form."""
         logits = self.logits(h)  # (B, N, V) in float32 for a stable log-softmax
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         acc = (logits.argmax(-1) == target).float().mean()
         return loss, {"acc": acc.detach()}
 
-    @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg_scale: float | None, settings,
-               uniform: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        logits = self.logits(h)  # (R, V)
+    def step_logits(self, h: torch.Tensor, cfg_scale: float | torch.Tensor | None,
+                    settings) -> torch.Tensor:
+        """Filtered logits (B, G, V) of one step from h (R, G, D); with CFG the conditional
+        rows come first and R = 2B."""
+        logits = self.logits(h)  # (R, G, V)
         if cfg_scale is not None:
             cond, uncond = logits.chunk(2)  # conditional rows first
-            logits = combine_cfg(cond, uncond, cfg_scale)  # (B, V)
-        logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-        return sample_categorical(logits, uniform(self.vocab_size), settings.temperature)
+            logits = combine_cfg(cond, uncond, cfg_scale)  # (B, G, V)
+        return process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+
+    @torch.no_grad()
+    def probs(self, h: torch.Tensor, cfg_scale, settings) -> torch.Tensor:
+        """The distribution a draw samples from, (B, G, V) (speculative decoding needs it)."""
+        logits = self.step_logits(h, cfg_scale, settings)
+        if settings.temperature == 0:
+            return F.one_hot(logits.argmax(-1), self.vocab_size).float()
+        return logits.softmax(-1)
+
+    @torch.no_grad()
+    def draw(self, h: torch.Tensor, cfg_scale, settings, uniform: torch.Tensor) -> torch.Tensor:
+        """One step's tokens (B, G); `uniform` (B, G, V) in (0, 1) is the step's noise."""
+        logits = self.step_logits(h, cfg_scale, settings)
+        return sample_categorical(logits, uniform, settings.temperature)

@@ -1,5 +1,6 @@
-"""Logits processing as pure functions: CFG combination and schedules, temperature, top-k,
-top-p, and categorical sampling without a host synchronisation.
+"""Logits processing as pure functions: CFG combination, temperature, top-k, top-p, and
+categorical sampling without a host synchronisation (the guidance schedules over the steps are
+in sampling/guidance.py).
 
 All functions take and return tensors on the model's device and never call `.item()`, so a
 decode loop built from them issues no host sync per token on a GPU.
@@ -8,22 +9,6 @@ decode loop built from them issues no host sync per token on a GPU.
 from __future__ import annotations
 
 import torch
-
-CFG_SCHEDULES = ("constant", "linear")
-
-
-def cfg_scale_at(scale: float, schedule: str, step: int, total: int) -> float:
-    """Guidance scale for autoregressive step `step` of `total` (0-based).
-
-    constant: `scale` at every step (LlamaGen).
-    linear:   1 + (scale - 1) * step / total, from no guidance at the first token up to
-              nearly `scale` at the last (MAR's "linear" schedule over generated tokens).
-    """
-    if schedule == "constant":
-        return scale
-    if schedule == "linear":
-        return 1.0 + (scale - 1.0) * step / total
-    raise ValueError(f"unknown cfg schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
 
 
 def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

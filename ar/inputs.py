@@ -1,0 +1,102 @@
+"""What the transformer sees at each step's positions, and where each step's predictions come
+from: the seam the next-X methods plug into.
+
+The sequence is [condition prefix (P positions)] + the inputs' positions. An inputs kind says
+  - `length`: how many positions follow the prefix,
+  - `out_positions` (N,): the position whose hidden state predicts sequence element i,
+  - `blocks` (P + length,): the attention block of every position. One rule, for training and
+    for the KV cache alike: a position attends to every position of a block <= its own
+    (block-causal, inclusive of its own block, whose inputs are all known at once),
+  - `teacher_forced(model, seq, vector)`: the inputs of a whole sequence (training),
+  - `step(model, s, prev, vector, rows)`: the inputs that produce step s's predictions while
+    generating, at their positions (None when the prefill already produced them).
+`vector` is the condition's per-row vector added to every input (`model.cond_add`) or None.
+
+    next_token   the previous token (LlamaGen): position P + i holds token i and predicts
+                 token i + 1; token 0 is predicted by the last prefix position. Steps of one.
+    next_group   discrete next-X: element i of step s sees the token at the same index of step
+                 s - 1 (learned start embeddings for step 0) and predicts its own token; a whole
+                 step is fed, and predicted, at once
+Flow (noisy group + timestep), next-scale and token-shuffle inputs will implement the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ar.orders import CPU, Order  # buffers are built on the CPU, even under a meta device
+
+
+def _block_causal(blocks: torch.Tensor) -> bool:
+    """Whether the block rule is plain causal attention (every position its own block)."""
+    return bool((blocks[1:] > blocks[:-1]).all())
+
+
+class NextTokenInputs(nn.Module):
+    kind = "next_token"
+
+    def __init__(self, order: Order, prefix: int, dim: int):
+        super().__init__()
+        if order.step_sizes != [1] * order.num_tokens:
+            raise ValueError(f"model.inputs=next_token needs one token per step; order {order} "
+                             f"has groups: use model.inputs=next_group")
+        self.order, self.prefix = order, prefix
+        self.length = order.num_tokens - 1  # the last token is never an input
+        self.register_buffer("out_positions", torch.arange(order.num_tokens, device=CPU) + prefix - 1,
+                             persistent=False)
+        self.register_buffer("blocks", torch.arange(prefix + self.length, device=CPU), persistent=False)
+        self.causal = True
+
+    def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        return model.embed_tokens(seq[:, :-1], vector)  # (B, N - 1, D)
+
+    def step(self, model, s: int, prev: torch.Tensor | None, vector: torch.Tensor | None,
+             rows: int):
+        if s == 0:
+            return None  # the prefill's last position predicts token 0
+        pos = self.out_positions[s:s + 1]  # where token s - 1 goes in: P + s - 1
+        return model.embed_tokens(prev, vector), pos
+
+
+class NextGroupInputs(nn.Module):
+    kind = "next_group"
+
+    def __init__(self, order: Order, prefix: int, dim: int):
+        super().__init__()
+        self.order, self.prefix = order, prefix
+        group = order.group_size  # equal steps: element j of step s sees element j of step s - 1
+        self.length = order.num_tokens
+        self.start = nn.Parameter(torch.zeros(group, dim))  # (G, D) the inputs of step 0
+        self.register_buffer("out_positions", torch.arange(order.num_tokens, device=CPU) + prefix,
+                             persistent=False)
+        # the prefix is one block before every step: the condition is seen by all
+        blocks = torch.cat([torch.full((prefix,), -1, device=CPU), order.step_of])
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.causal = _block_causal(blocks)
+        # sequence index of the input token of every element of steps >= 1
+        self.register_buffer("source", torch.arange(order.num_tokens, device=CPU) - group, persistent=False)
+        self.group = group
+
+    def initialize(self) -> None:
+        nn.init.normal_(self.start, std=0.02)
+
+    def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        B, G = seq.shape[0], self.group
+        later = model.embed_tokens(seq[:, self.source[G:]], vector)  # (B, N - G, D)
+        first = self.start.to(later.dtype).expand(B, G, -1)  # (B, G, D)
+        if vector is not None:
+            first = first + vector
+        return torch.cat([first, later], dim=1)  # (B, N, D)
+
+    def step(self, model, s: int, prev: torch.Tensor | None, vector: torch.Tensor | None,
+             rows: int):
+        lo, hi = self.order.span(s)
+        pos = self.out_positions[lo:hi]  # (G,)
+        if s == 0:
+            x = self.start.to(model.dtype).expand(rows, -1, -1)  # (R, G, D)
+            return (x if vector is None else x + vector), pos
+        return model.embed_tokens(prev, vector), pos
+
+
+INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs}

@@ -1,0 +1,49 @@
+"""Classifier-free guidance over the steps of any order: the scale at each step.
+
+`scale_at(settings, step, num_steps)` is what the sampling loop asks. With s = step / num_steps
+the fraction of steps done before this one (0 at the first step):
+
+    constant  scale at every step (LlamaGen)
+    linear    1 + (scale - 1) * s: MAR's form over tokens, xAR's over cells
+    power     1 + (scale - 1) * s ** cfg_power (MUSE/MAR-style ramps; power 1 is linear)
+    cosine    1 + (scale - 1) * (1 - cos(pi * s)) / 2
+
+and `cfg_interval` [lo, hi] limits guidance to the steps with lo <= s < hi, the scale being 1
+(no guidance) elsewhere: guidance in a limited interval (Kynkaanniemi et al., 2024) applied to
+AR steps. The full interval [0, 1] guides every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+CFG_SCHEDULES = ("constant", "linear", "power", "cosine")
+
+
+def schedule_value(schedule: str, frac: float, power: float = 1.0) -> float:
+    """The schedule's weight in [0, 1] at fraction `frac` of the steps."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return frac
+    if schedule == "power":
+        return frac ** power
+    if schedule == "cosine":
+        return (1.0 - math.cos(math.pi * frac)) / 2.0
+    raise ValueError(f"unknown cfg schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
+
+
+def cfg_scale_at(scale: float, schedule: str, step: int, total: int, power: float = 1.0,
+                 interval: tuple[float, float] = (0.0, 1.0)) -> float:
+    """Guidance scale for step `step` of `total` (0-based)."""
+    frac = step / total  # < 1 at every step, so hi = 1 takes in the last step
+    lo, hi = interval
+    if not lo <= frac < hi:
+        return 1.0
+    return 1.0 + (scale - 1.0) * schedule_value(schedule, frac, power)
+
+
+def scale_at(settings, step: int, total: int) -> float:
+    """The scale for a `SamplingConfig`'s guidance settings at step `step` of `total`."""
+    return cfg_scale_at(settings.cfg_scale, settings.cfg_schedule, step, total,
+                        settings.cfg_power, tuple(settings.cfg_interval))

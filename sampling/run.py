@@ -1,0 +1,192 @@
+"""Sampling runs as library functions: what `sample.py` (and `reproduce.py`) run.
+
+    cfg = load_config(SampleRunConfig, overrides=[...])
+    model, tokenizer = load_models(cfg, device, log)
+    sample_grid(cfg, model, tokenizer, device, log)      # one row per class -> cfg.out (.png)
+    sample_images(cfg, model, tokenizer, info, log)      # PNG shards + samples.npz in cfg.out
+
+Image i is generated with noise keyed by (seed, i) and gets label i % classes (balanced) or a
+label hashed from (seed, i) (random), so the images do not depend on the number of processes
+or the batch size. Finished shards are kept: running again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ar.checkpoint import load_generator
+from ar.conditioning import ClassCondition
+from common import dist, precision
+from common.config import ConfigError, check_fields
+from common.io import DiskFullError, atomic_write_text, sha256_file
+from common.precision import PRECISIONS
+from sampling import noise
+from sampling.generate import SamplingConfig, compiled_extend, generate
+from sampling.outputs import decode_codes, npz_done, pack_npz, save_grid, shard_done, write_shard
+
+
+@dataclass
+class SampleRunConfig:
+    weights: str = "???"  # generator weights (.safetensors) exported by train_gen.py
+    tokenizer: Optional[str] = None  # tokenizer weights; None: the path stored in the generator weights
+    out: str = "???"  # grid mode: the .png to write; images mode: the output folder
+    mode: str = "grid"  # grid: one row per class | images: num_images PNGs in shards + samples.npz
+    num_images: int = 50000  # images mode: how many
+    labels: str = "balanced"  # images mode: balanced (image i gets class i % classes) | random
+    classes: Optional[List[int]] = None  # grid mode: one row per class id; None: all (at most 32)
+    per_class: int = 8  # grid mode: images per row
+    batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
+    shard_size: int = 1000  # images mode: images per shard, the unit of resumption
+    seed: int = 0  # noise seed; image i's noise depends only on (seed, i)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    npz: bool = True  # images mode: pack OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) at the end
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 where native: GPUs, CPUs with AVX512-BF16/AMX) | bf16 | fp32
+    compile: bool = False  # compile model.extend into a CUDA graph (GPU; first batch is slow)
+
+    def validate(self) -> None:
+        check_fields(self, "", {"mode": ("grid", "images"), "num_images": ">= 1",
+                                "labels": ("balanced", "random"), "per_class": ">= 1",
+                                "batch_size": ">= 1", "shard_size": ">= 1",
+                                "device": ("auto", "cpu", "cuda"),
+                                "precision": PRECISIONS})
+        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+            raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
+
+
+def load_models(cfg: SampleRunConfig, device: torch.device, log):
+    model = load_generator(cfg.weights, device)
+    if precision.use_bf16(cfg.precision, device):
+        model = model.to(torch.bfloat16)
+    spec = model.spec
+    from tokenizer import load_tokenizer
+
+    path = cfg.tokenizer or spec.tokenizer_path
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer weights {path} not found; pass tokenizer=PATH")
+    tokenizer = load_tokenizer(path, device=device)
+    check_tokenizer_fits(spec, tokenizer, path, cfg.weights)
+    if sha256_file(path) != spec.tokenizer_sha256:
+        msg = f"tokenizer {path} is not the one the generator was trained on (sha256 differs)"
+        if cfg.tokenizer is None:
+            raise ValueError(msg + "; pass tokenizer=PATH to use it anyway")
+        log.warning(msg)
+    return model, tokenizer
+
+
+def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
+    """A tokenizer with another codebook or grid would decode garbage: refuse it, whatever
+    the user asked for (another tokenizer of the same shape is only a warning)."""
+    grid = tuple(tokenizer.grid(spec.resolution))
+    problems = []
+    if tokenizer.codebook_size != spec.vocab_size:
+        problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
+    if grid != (spec.grid_h, spec.grid_w):
+        problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "
+                        f"generator's {spec.grid_h}x{spec.grid_w}")
+    if problems:
+        raise ValueError(f"tokenizer {path} does not fit generator {weights}: {'; '.join(problems)}; "
+                         f"pass the tokenizer the generator was trained on (tokenizer=PATH)")
+
+
+def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if cfg.labels == "balanced":
+        return ids % num_classes
+    return noise.randint(cfg.seed, ids, num_classes)
+
+
+def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, log) -> None:
+    classes = cfg.classes or list(range(min(model.spec.num_classes, 32)))
+    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.per_class)
+    ids = torch.arange(len(labels), device=device)
+    codes = torch.cat([generate(model, ClassCondition(l), i, cfg.seed, cfg.sampling)
+                       for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size))])
+    images = decode_codes(tokenizer, codes)
+    written = save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
+    done = "wrote" if written else "kept (the same grid, byte for byte)"
+    log.info(f"{done} {cfg.out} ({len(classes)} classes x {cfg.per_class})")
+
+
+def check_out_folder(cfg: SampleRunConfig, out: Path, device: torch.device) -> None:
+    """Refuse to mix shards made with other settings into one sample set. The precision is
+    recorded as resolved on this device: "auto" gives other images on a GPU than on a CPU."""
+    settings = {"weights_sha256": sha256_file(cfg.weights), "num_images": cfg.num_images,
+                "labels": cfg.labels, "seed": cfg.seed, "shard_size": cfg.shard_size,
+                "sampling": asdict(cfg.sampling),
+                "precision": precision.resolved(cfg.precision, device)}
+    path = out / "settings.json"
+    if path.is_file():
+        old = upgraded_settings(json.loads(path.read_text()), device)
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(f"{out} holds samples made with other settings ({', '.join(diff)}); "
+                             f"choose another out folder or delete it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+def upgraded_settings(old: dict, device: torch.device) -> dict:
+    """settings.json of earlier versions in today's terms, so their folders still resume:
+    "auto" precision meant bf16 on GPUs only, and sampling keys added since take defaults."""
+    if old.get("precision") == "auto":
+        old["precision"] = "bf16" if device.type == "cuda" else "fp32"
+    old["sampling"] = {**asdict(SamplingConfig()), **old.get("sampling", {})}
+    return old
+
+
+def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, log) -> None:
+    out, n = Path(cfg.out), cfg.num_images
+    if info.is_main:
+        check_out_folder(cfg, out, info.device)
+    dist.barrier()
+    num_shards = -(-n // cfg.shard_size)
+    if npz_done(out / "samples.npz", n) or (not cfg.npz and all(shard_done(out, k) for k in range(num_shards))):
+        log.info(f"{out} already holds all {n} images; nothing to do")
+        return
+    mine = [k for k in range(num_shards) if k % info.world_size == info.rank and not shard_done(out, k)]
+    extend_fn = compiled_extend() if cfg.compile else None
+    todo = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in mine)
+    bar = tqdm(total=todo, desc=f"images (rank {info.rank})", disable=not info.is_main)
+    t0 = time.time()
+    for k in mine:
+        ids = torch.arange(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size), device=info.device)
+        labels = image_labels(cfg, ids, model.spec.num_classes)
+        images = []
+        for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
+            codes = generate(model, ClassCondition(l), i, cfg.seed, cfg.sampling, extend_fn)
+            images.append(decode_codes(tokenizer, codes))
+            bar.update(len(i))
+        try:
+            write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy())
+        except DiskFullError as e:
+            raise DiskFullError(e.path, "free space and run the same command again; finished "
+                                        "shards are kept") from e
+    bar.close()
+    log.info(f"rank {info.rank}: {todo} images in {time.time() - t0:.1f}s")
+    dist.barrier()
+    if info.is_main and cfg.npz:
+        count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n)
+        log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
+
+
+def run(cfg: SampleRunConfig) -> None:
+    """One sampling run (every process of a torchrun calls it): a grid, or N images."""
+    info = dist.init_distributed(cfg.device)
+    log = dist.get_logger("sample", info.rank)
+    model, tokenizer = load_models(cfg, info.device, log)
+    if cfg.mode == "grid":
+        if info.is_main:
+            sample_grid(cfg, model, tokenizer, info.device, log)
+    else:
+        sample_images(cfg, model, tokenizer, info, log)
+    dist.barrier()
+    dist.cleanup()
