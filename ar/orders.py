@@ -4,7 +4,7 @@ An order owns
   - the permutation between the row-major grid and the sequence (`perm`, `inv`),
   - the grid coordinates of each sequence element (for 2D RoPE),
   - the steps: step s is the sequence span [starts[s], starts[s + 1]), generated at once,
-  - the step id of every element (`step_of`) and its index inside its step (`index_in_step`).
+  - the step id of every element (`step_of`).
 Orders are pure index maps on the CPU: no parameters. The attention rule built from the steps
 (block-causal, inclusive of the own step when its inputs are known) lives with the inputs
 (`ar/inputs.py`), since where a step's inputs sit in the sequence is theirs to say.
@@ -42,8 +42,6 @@ class Order:
             self.starts.append(self.starts[-1] + size)
         self.step_of = torch.repeat_interleave(torch.arange(self.num_steps, device=CPU),
                                                torch.tensor(sizes, device=CPU))  # (N,)
-        first = torch.tensor(self.starts[:-1], device=CPU)  # (S,) first element of each step
-        self.index_in_step = torch.arange(self.num_tokens, device=CPU) - first[self.step_of]  # (N,)
 
     def layout(self) -> tuple[torch.Tensor, list[int]]:
         """(perm (N,), tokens per step)."""

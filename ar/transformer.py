@@ -195,10 +195,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-    @property
-    def has_cache(self) -> bool:
-        return self.layers[0].attention.cache is not None if len(self.layers) else False
-
 
 def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int,
             base: float = 10000.0) -> torch.Tensor:

@@ -38,12 +38,9 @@ entry of ar.model.AR_SIZES is stored under that name (GPT-B/L/XL/XXL -> AR-B/L/X
 
 from __future__ import annotations
 
-import argparse
 import json
-import pickle
 import re
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +51,8 @@ from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
 from common.config import ConfigError, check_fields, run_cli, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
+from convert.common import (LAYOUTS, check_keys, load_foreign, rename, select_state, split_keys,
+                            up_to_date)
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
 
@@ -87,133 +86,13 @@ LLAMAGEN_SIZES = {
     (1536, 48): ("GPT-XXL", 24), (2560, 48): ("GPT-XXXL", 40), (2048, 22): ("GPT-1B", 32),
     (3200, 24): ("GPT-3B", 32), (4096, 32): ("GPT-7B", 32),
 }
-LAYOUTS = ("auto", "ddp", "fsdp", "deepspeed")
 
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile(template.replace(".", r"\.").replace("{i}", r"(?P<i>\d+)") + "$")
-
-
-def rename(key: str, table: dict[str, str]) -> str | None:
-    """The table's name for `key`, or None when no entry matches."""
-    for src, dst in table.items():
-        m = _pattern(src).match(key)
-        if m:
-            return dst.replace("{i}", m.group("i")) if "{i}" in src else dst
-    return None
 
 
 def argen_to_llamagen(keys) -> dict[str, str]:
     """argen name -> LlamaGen name (the inverse of GPT_KEYS), for error messages and tests."""
     inverse = {dst: src for src, dst in GPT_KEYS.items()}
     return {k: rename(k, inverse) or k for k in keys}
-
-
-##################################################################################
-#                                Reading files                                   #
-##################################################################################
-
-def load_foreign(path: str | Path):
-    """(object, file) from torch.load(weights_only=True); a folder means its consolidated.pth."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "consolidated.pth").is_file():
-            raise FileNotFoundError(f"{path} is a folder without consolidated.pth; pass the "
-                                    f"checkpoint file itself")
-        path = path / "consolidated.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; download it first (see the "
-                                f"README section 'Reproducing published numbers')")
-    try:
-        # Namespace: LlamaGen's pickled training args, a bag of plain values
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            # mmap: a 3B checkpoint (12 GB) is paged in as read, not copied into memory
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=zipfile.is_zipfile(path)), path
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled {found.group(1)} object" if found else "pickled objects other than tensors"
-        raise ValueError(f"{path}: refused to load: it holds {what}, and foreign checkpoints are "
-                         f"read with torch.load(weights_only=True), which never runs code from the "
-                         f"file. If you trust the file, re-save just its state dict as "
-                         f"{{'model': state_dict}} in a separate step and convert that") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint "
-                         f"({str(e).splitlines()[0][:200]})") from None
-
-
-def select_state(obj, path: Path, layout: str = "auto", use_ema: bool = False):
-    """The state dict inside a loaded checkpoint: (state, layout, entry name or None)."""
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout={layout!r}; choose one of {LAYOUTS}")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    if layout == "auto":
-        if "model" in obj:
-            layout = "ddp"
-        elif "module" in obj:
-            layout = "deepspeed"
-        elif obj and all(torch.is_tensor(v) for v in obj.values()):
-            layout = "fsdp"
-        else:
-            raise ValueError(f"{path}: cannot tell the checkpoint layout from its top-level keys "
-                             f"{sorted(obj)[:10]}; expected 'model' (DDP), 'module' (DeepSpeed) or "
-                             f"a raw state dict of tensors (FSDP consolidated.pth)")
-    if use_ema and layout != "ddp":
-        raise ValueError(f"{path}: use_ema=true needs a DDP checkpoint with an 'ema' entry "
-                         f"(layout is {layout})")
-    entry = {"ddp": "ema" if use_ema else "model", "deepspeed": "module", "fsdp": None}[layout]
-    state = obj if entry is None else obj.get(entry)
-    if state is None:
-        raise ValueError(f"{path}: no '{entry}' entry for layout={layout}; its top-level keys are "
-                         f"{sorted(obj)[:10]}")
-    bad = sorted(k for k, v in state.items() if not torch.is_tensor(v))
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} entries of the {entry or 'raw'} state dict are not "
-                         f"tensors: {bad[:8]}; is layout={layout} right?")
-    return dict(state), layout, entry
-
-
-def split_keys(state: dict, table: dict[str, str] | None, derived, source: str):
-    """Rename by `table` (None: names kept) and drop `derived`; unknown keys are an error."""
-    mapped, dropped, unknown = {}, {}, []
-    derived_table = {d: d for d in derived}
-    for key, value in state.items():
-        if rename(key, derived_table) is not None:
-            dropped[key] = value
-            continue
-        new = key if table is None else rename(key, table)
-        if new is None:
-            unknown.append(key)
-        else:
-            mapped[new] = value
-    if unknown:
-        hint = ""
-        if any(k.startswith(("module.", "_orig_mod.")) for k in unknown):
-            hint = (" The names carry a DDP/torch.compile wrapper prefix ('module.' or "
-                    "'_orig_mod.'): save the unwrapped model's state dict.")
-        raise ValueError(f"{source}: {len(unknown)} keys the LlamaGen key map does not know: "
-                         f"{sorted(unknown)[:12]}{' ...' if len(unknown) > 12 else ''}.{hint}")
-    return mapped, dropped
-
-
-def check_keys(own: dict, given: dict, source: str, names=lambda k: k) -> None:
-    """Missing keys and shape mismatches between a model's state dict and the mapped tensors,
-    listed under `names` (the checkpoint's own names)."""
-    missing = sorted(names(k) for k in set(own) - set(given))
-    shapes = [f"{names(k)}: file {tuple(given[k].shape)} vs expected {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(given)) if tuple(own[k].shape) != tuple(given[k].shape)]
-    extra = sorted(names(k) for k in set(given) - set(own))
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {missing[:12]}{' ...' if len(missing) > 12 else ''}")
-    if extra:
-        parts.append(f"{len(extra)} keys beyond the inferred architecture: {extra[:12]}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:8]))
-    if parts:
-        raise ValueError(f"{source} does not fit the architecture read from its shapes: "
-                         + " | ".join(parts))
 
 
 ##################################################################################
@@ -332,20 +211,6 @@ def _source(path: Path, layout: str, entry, dropped) -> dict:
             "layout": layout, "entry": entry, "dropped": sorted(dropped), "converter": __name__}
 
 
-def _up_to_date(out: Path, config_yaml: str, source: dict) -> bool:
-    """Whether `out` was converted from the same file with the same resulting config."""
-    if not out.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(out), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # unreadable: convert again
-        return False
-    return meta.get("config") == config_yaml and meta.get("source") == json.dumps(source)
-
-
 def _tokenizer_facts(path: str) -> tuple[int, int]:
     """(codebook size, downsample) of converted tokenizer weights, without reading the tensors."""
     cfg = read_tokenizer_config(path)
@@ -386,7 +251,7 @@ def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
     else:
         log.warning("no tokenizer= given: sample.py will need tokenizer=PATH for these weights")
     source = _source(path, layout, entry, dropped)
-    if reuse and _up_to_date(Path(cfg.out), to_yaml(spec), source):
+    if reuse and up_to_date(Path(cfg.out), to_yaml(spec), source):
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
     with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
@@ -421,7 +286,7 @@ def convert_vq(cfg: VQConvertConfig, reuse: bool = False) -> Path:
     mapped, dropped = split_keys(state, None, VQ_DERIVED, str(path))
     vq_cfg = infer_vq_config({k: tuple(v.shape) for k, v in state.items()}, cfg.l2_norm)
     source = _source(path, layout, entry, dropped)
-    if reuse and _up_to_date(Path(cfg.out), to_yaml(vq_cfg), source):
+    if reuse and up_to_date(Path(cfg.out), to_yaml(vq_cfg), source):
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
     with torch.device("meta"):

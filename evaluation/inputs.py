@@ -331,10 +331,6 @@ class FolderImages(ImageSource):
         sizes = _header_sizes(self.files)
         self.image_size = (resolution, resolution) if resolution else _common_size(self.files, sizes)
 
-    @property
-    def lossy_files(self) -> list[Path]:
-        return [p for p in self.files if p.suffix.lower() in LOSSY_SUFFIXES]
-
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         loader = DataLoader(_Files(self.files, self.resolution), batch_size=batch_size,
                             num_workers=self.num_workers, collate_fn=_collate)

@@ -67,6 +67,8 @@ def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, cla
 
     import numpy as np
 
+    from tokenizer.cache import make_meta, shard_name
+
     rng = np.random.default_rng(0)
     protos = rng.integers(0, vocab, (classes, grid, grid))
     labels = np.arange(n) % classes
@@ -77,16 +79,12 @@ def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, cla
     shards = []
     for k, start in enumerate(range(0, n, shard_size)):
         sl = slice(start, min(n, start + shard_size))
-        np.save(path / f"codes_{k:05d}.npy", both[sl])
-        np.save(path / f"labels_{k:05d}.npy", labels[sl].astype(np.int64))
-        shards.append({"codes": f"codes_{k:05d}.npy", "labels": f"labels_{k:05d}.npy",
-                       "count": sl.stop - sl.start})
-    meta = {"format": "argen-code-cache", "version": 1, "kind": "discrete",
-            "tokenizer": {"name": "vq", "path": tokenizer_path, "sha256": tokenizer_sha, "config": {}},
-            "resolution": grid * 4, "grid": [grid, grid], "codebook_size": vocab,
-            "variants": ["original", "hflip"], "count": n, "num_classes": classes,
-            "class_names": [f"c{i}" for i in range(classes)],
-            "label_histogram": np.bincount(labels, minlength=classes).tolist(),
-            "shards": shards, "captions": None, "source": str(path), "skipped": []}
+        codes_file, labels_file = shard_name(k)
+        np.save(path / codes_file, both[sl])
+        np.save(path / labels_file, labels[sl].astype(np.int64))
+        shards.append({"codes": codes_file, "labels": labels_file, "count": sl.stop - sl.start})
+    tok = {"name": "vq", "path": tokenizer_path, "sha256": tokenizer_sha, "config": {}}
+    meta = make_meta(tok, grid * 4, (grid, grid), vocab, labels, [f"c{i}" for i in range(classes)],
+                     shards, False, str(path), [])
     (path / "meta.json").write_text(json.dumps(meta))
     return path

@@ -189,14 +189,23 @@ def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: 
     if dataset.captions is not None:
         gone = set(skipped)
         captions = [c for c, name in zip(dataset.captions, names) if name not in gone]
-    meta = {"format": FORMAT, "version": VERSION, "kind": "discrete", "tokenizer": tok,
-            "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size,
-            "variants": VARIANTS, "count": len(labels), "num_classes": len(dataset.classes),
-            "class_names": list(dataset.classes),
-            "label_histogram": np.bincount(labels, minlength=len(dataset.classes)).tolist(),
-            "shards": shards, "captions": "captions.jsonl" if captions is not None else None,
-            "source": str(Path(root).resolve()), "skipped": skipped}
+    meta = make_meta(tok, resolution, grid, codebook_size, labels, list(dataset.classes), shards,
+                     captions is not None, str(Path(root).resolve()), skipped)
     return meta, captions
+
+
+def make_meta(tok: dict, resolution: int, grid, codebook_size: int, labels: np.ndarray,
+              class_names: list[str], shards: list[dict], has_captions: bool, source: str,
+              skipped: list[str]) -> dict:
+    """meta.json's content: the one definition of the cache's metadata (the encoder writes it,
+    `read_meta` checks it, tests build caches with it)."""
+    return {"format": FORMAT, "version": VERSION, "kind": "discrete", "tokenizer": tok,
+            "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size,
+            "variants": VARIANTS, "count": len(labels), "num_classes": len(class_names),
+            "class_names": class_names,
+            "label_histogram": np.bincount(labels, minlength=len(class_names)).tolist(),
+            "shards": shards, "captions": "captions.jsonl" if has_captions else None,
+            "source": source, "skipped": skipped}
 
 
 def write_meta(out: Path, meta: dict, captions: list[str] | None) -> bool:
