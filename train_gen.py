@@ -15,12 +15,11 @@ and weights/ema.safetensors (EMA weights + architecture, what sample.py reads).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import List, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,12 +29,88 @@ from ar.checkpoint import (check_identity, checkpoint_step, export_generator, la
 from ar.conditioning import ClassCondition
 from ar.data import BatchStream, CodeCache
 from ar.ema import EMA
-from ar.model import ARModel, GeneratorSpec
-from ar.optim import deepspeed_config, lr_at, make_adamw
-from ar.schema import RunConfig
-from common import dist, precision
-from common.config import ConfigError, check_paths, run_cli, to_yaml
+from ar.engine import batch_layout, build_engine, train_step
+from ar.model import ARModel, GeneratorSpec, ModelConfig
+from ar.optim import lr_at
+from common import dist
+from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
 from common.io import DiskFullError, atomic_write_text, translate_disk_full
+from sampling.generate import SamplingConfig
+
+
+# The config schema: one dataclass per component, every field commented; YAML files under
+# configs/ are deltas over these defaults. Values that follow from the data (vocabulary size,
+# grid, number of classes) are read from the code cache once and stored in the weights file's
+# GeneratorSpec; they are never set by hand.
+
+@dataclass
+class DataConfig:
+    codes: str = "???"  # code cache folder written by `python -m tokenizer.encode`
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256  # images per optimiser step, summed over processes and accumulation
+    micro_batch: Optional[int] = None  # images per process per forward; None: global_batch / processes
+    max_steps: int = 1000  # optimiser steps of the whole run (resumed runs count from the start)
+    lr: float = 1e-4  # peak learning rate (LlamaGen: 1e-4 at batch 256)
+    weight_decay: float = 0.05  # AdamW decay on matrices and tables only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
+    ema_decay: float = 0.9999  # EMA of the weights (the exported ones)
+    ema_warmup: bool = True  # ramp the EMA decay up as (1+s)/(10+s) early in training
+    precision: str = "auto"  # auto (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) | bf16 | fp32
+    compile: bool = False  # torch.compile the training forward/backward
+    engine: str = "ddp"  # ddp (torchrun; a single process needs no launcher) | deepspeed
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (1: optimiser states, 2: + gradients)
+    seed: int = 0  # seeds the data order, dropout and initialisation
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10  # steps between logged (all-reduced) losses
+    ckpt_every: int = 500  # steps between resumable checkpoints (and EMA weight exports)
+    keep_ckpts: int = 2  # resumable checkpoints kept on disk; 0: keep all
+    sample_every: int = 0  # steps between sample grids in the run folder; 0: only at the end
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+
+    def validate(self) -> None:
+        check_fields(self, "train.", {
+            "global_batch": ">= 1", "micro_batch": ">= 1", "max_steps": ">= 1", "lr": "> 0",
+            "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
+            "schedule": ("constant", "cosine"), "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0",
+            "cond_dropout": "[0, 1)", "ema_decay": "[0, 1]", "precision": ("auto", "bf16", "fp32"),
+            "engine": ("ddp", "deepspeed"), "zero_stage": (1, 2), "device": ("auto", "cpu", "cuda"),
+            "log_every": ">= 1", "ckpt_every": ">= 1", "keep_ckpts": ">= 0", "sample_every": ">= 0",
+            "threads": ">= 0"})
+
+
+@dataclass
+class GridConfig:
+    classes: Optional[List[int]] = None  # class ids, one grid row each; None: all (at most 16)
+    per_class: int = 8  # images per row
+    seed: int = 0  # noise seed of the grid
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # how grid images are drawn
+
+    def validate(self) -> None:
+        check_fields(self, "grid.", {"per_class": ">= 1"})
+        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+            raise ConfigError(f"grid.classes={self.classes}: class ids are >= 0 (None: all classes)")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/debug"  # run folder: checkpoints, weights, logs, grids
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    data: DataConfig = field(default_factory=DataConfig)  # training data
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and engine
+    grid: GridConfig = field(default_factory=GridConfig)  # sample grids written during training
+
+    def validate(self) -> None:
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty; name the run folder")
 
 
 def make_spec(cfg: RunConfig, cache: CodeCache) -> GeneratorSpec:
@@ -45,82 +120,6 @@ def make_spec(cfg: RunConfig, cache: CodeCache) -> GeneratorSpec:
                          grid_w=cache.grid_w, num_classes=cache.num_classes,
                          class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
                          tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"])
-
-
-def batch_layout(cfg: RunConfig, world: int) -> tuple[int, int]:
-    """(micro batch per process, accumulation steps) for the configured global batch."""
-    g = cfg.train.global_batch
-    micro = cfg.train.micro_batch or g // world
-    if micro <= 0 or g % (world * micro):
-        raise ConfigError(f"train.global_batch={g} must be a multiple of processes ({world}) x "
-                          f"train.micro_batch ({micro})")
-    return micro, g // (world * micro)
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.engine == "deepspeed":  # DeepSpeed runs the model in bf16 itself
-        return contextlib.nullcontext()
-    return precision.autocast(cfg.train.precision, device)
-
-
-@dataclass
-class Engine:
-    forward: Callable  # what the batch goes through: the model, DDP, DeepSpeed or compiled
-    optimizer: torch.optim.Optimizer
-    ddp: Any = None  # the DDP wrapper, for no_sync during accumulation
-    deepspeed: Any = None  # the DeepSpeed engine, which owns backward/step/clipping
-
-
-def build_engine(cfg: RunConfig, model: ARModel, info: dist.DistInfo, micro: int, accum: int) -> Engine:
-    t = cfg.train
-    optimizer = make_adamw(model, t.lr, (t.beta1, t.beta2), t.weight_decay, info.device)
-    eng = Engine(forward=model, optimizer=optimizer)
-    if t.engine == "deepspeed":
-        import deepspeed  # imported lazily: a heavy import that only this path needs
-
-        bf16 = precision.use_bf16(t.precision, info.device)
-        ds_cfg = deepspeed_config(t.global_batch, micro, accum, t.grad_clip, t.zero_stage, bf16)
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
-        eng.deepspeed, eng.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                   config=ds_cfg)
-        eng.forward = eng.deepspeed
-    elif info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        eng.ddp = eng.forward = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if t.compile:
-        eng.forward = torch.compile(eng.forward)
-    return eng
-
-
-def train_step(cfg: RunConfig, eng: Engine, model: ARModel, stream: BatchStream, samples: int,
-               info: dist.DistInfo, micro: int, accum: int) -> tuple[dict, torch.Tensor]:
-    """One optimiser step over the global batch; returns (the head's metrics on this rank,
-    loss included, averaged over the micro-batches; grad norm)."""
-    stats: dict[str, torch.Tensor] = {}
-    for m in range(accum):
-        offset = samples + (m * info.world_size + info.rank) * micro  # this rank's slice
-        codes, cond = stream.batch(offset, micro)
-        # gradients are all-reduced on the last micro-step only
-        sync = eng.ddp.no_sync() if eng.ddp is not None and m < accum - 1 else contextlib.nullcontext()
-        with sync:
-            with autocast(cfg, info.device):
-                out = eng.forward(codes.to(info.device, non_blocking=True), cond.to(info.device))
-            if eng.deepspeed is not None:
-                eng.deepspeed.backward(out["loss"])  # DeepSpeed divides by the accumulation steps
-                eng.deepspeed.step()
-            else:
-                (out["loss"] / accum).backward()
-        for name, value in out.items():
-            stats[name] = stats.get(name, 0.0) + value.detach().float() / accum
-    if eng.deepspeed is not None:
-        return stats, torch.tensor(float(eng.deepspeed.get_global_grad_norm() or 0.0))
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    eng.optimizer.step()
-    eng.optimizer.zero_grad(set_to_none=True)
-    return stats, norm
 
 
 @torch.no_grad()
@@ -199,7 +198,7 @@ def main(cfg: RunConfig) -> dict:
     cache = CodeCache(cfg.data.codes)
     spec = make_spec(cfg, cache)
     identity = run_identity(cfg, cache)
-    micro, accum = batch_layout(cfg, info.world_size)
+    micro, accum = batch_layout(cfg.train, info.world_size)
     ckpt, done = check_resume(cfg, run, identity, log)
     if done is not None:
         log.info(f"{run} already finished at step {done['steps']} (weights in "
@@ -211,7 +210,7 @@ def main(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ARModel(spec).to(info.device)
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-    eng = build_engine(cfg, model, info, micro, accum)
+    eng = build_engine(cfg.train, model, info, micro, accum)
     torch.manual_seed(cfg.train.seed * info.world_size + info.rank + 1)  # dropout differs per rank
     log.info(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {info.world_size} "
              f"process(es), micro batch {micro} x {accum} accumulation = global {cfg.train.global_batch}")
@@ -246,7 +245,7 @@ def main(cfg: RunConfig) -> dict:
                        cfg.train.schedule, cfg.train.min_lr_ratio)
             for group in eng.optimizer.param_groups:
                 group["lr"] = lr
-            stats, norm = train_step(cfg, eng, model, stream, samples, info, micro, accum)
+            stats, norm = train_step(cfg.train, eng, model, stream, samples, info, micro, accum)
             ema.update(model, step)
             step, samples = step + 1, samples + cfg.train.global_batch
             window = {k: window.get(k, 0.0) + v for k, v in stats.items()}

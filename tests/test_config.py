@@ -2,7 +2,7 @@
 
 import pytest
 
-from ar.schema import RunConfig
+from train_gen import RunConfig
 from common.config import ConfigError, describe, from_yaml, load_config, to_yaml
 
 

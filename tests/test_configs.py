@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ar.model import ARModel, GeneratorSpec
-from ar.schema import RunConfig
+from train_gen import RunConfig
 from common.config import load_config
 from conftest import ROOT
 
