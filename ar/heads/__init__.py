@@ -1,12 +1,14 @@
-"""Prediction heads. A head owns its training loss and its per-step sampler (MAR's DiffLoss
-pattern), so the backbone never knows whether it predicts codebook indices, groups of
-tokens or continuous latents.
+"""Prediction heads. A head owns its training loss and its draw of one step's tokens (MAR's
+DiffLoss pattern), so the backbone never knows whether it predicts codebook indices, groups of
+tokens or continuous latents. A head initialises its own output layer.
 
 Interface:
-    head.loss(h, target) -> (loss, metrics)       h (B, N, D) hidden states, target (B, N)
-    head.sample(h, cfg_scale, settings, uniform) -> tokens (B,)
-        h (B, D), or (2B, D) with the conditional rows first when cfg_scale is not None;
-        `uniform(size)` returns (B, size) noise in (0, 1) for this step.
+    head.loss(h, target) -> (loss, metrics)      h (B, N, D) hidden states, target (B, N);
+                                                 metrics a free-form dict of scalars
+    head.draw(h, cfg_scale, settings, uniform) -> tokens (B, G)
+        h (B, G, D), or (2B, G, D) with the conditional rows first when cfg_scale is not None;
+        `uniform` (B, G, V) is the step's noise in (0, 1)
+    head.probs(h, cfg_scale, settings) -> (B, G, V), the distribution `draw` samples from
 """
 
 from __future__ import annotations
