@@ -23,7 +23,7 @@ import torch
 
 from ar.model import ARModel, GeneratorSpec
 from common import dist
-from common.config import from_yaml, to_yaml
+from common.config import from_yaml, recorded_differences, to_yaml
 from common.io import (DiskFullError, atomic_write_text, load_state_strict, read_weights, save_weights,
                    translate_disk_full)
 
@@ -131,26 +131,13 @@ def check_identity(path: Path, identity: dict, run_dir: str | Path) -> bool:
     stored_file = path / "identity.json"
     if not stored_file.is_file():
         return False
-    stored = _flatten(json.loads(stored_file.read_text()))
-    now = _flatten(json.loads(json.dumps(identity)))  # tuples -> lists, as stored
-    diffs = [f"{k}: checkpoint {stored.get(k, '(absent)')!r}, now {now.get(k, '(absent)')!r}"
-             for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    diffs = recorded_differences(json.loads(stored_file.read_text()), identity)
     if diffs:
         raise ValueError(f"{path} was made with other data or settings than this run "
                          f"({'; '.join(diffs)}). To start a new run, choose another out_dir= "
                          f"(or delete {Path(run_dir) / 'checkpoints'}); to continue this one, run "
                          f"it with the settings and data it was started with")
     return True
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def export_generator(path: str | Path, model: ARModel, run_config_yaml: str = "") -> Path:

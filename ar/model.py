@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ar.conditioning import ClassCondition, LabelEmbedder
-from ar.heads import HEADS
+from ar.heads import HEADS, TokenHeadConfig
 from ar.inputs import INPUTS
 from ar.orders import ORDERS, make_order
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
@@ -39,6 +39,7 @@ class ModelConfig:
     n_head: Optional[int] = None  # override the size's number of attention heads
     n_kv_head: Optional[int] = None  # key/value heads for grouped-query attention (None: = n_head)
     head: str = "token"  # prediction head, a name in ar.heads.HEADS
+    token_head: TokenHeadConfig = field(default_factory=TokenHeadConfig)  # the token head's options
     order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole
     cell: int = 2  # order=cell: k x k tokens per step (k divides both grid sides)
     subsample: int = 2  # order=subsample: s x s steps, each the sub-grid of one offset
@@ -117,7 +118,8 @@ class ARModel(nn.Module):
         self.inputs = INPUTS[input_kind(m)](self.order, self.prefix, a.dim)
         self.length = self.prefix + self.inputs.length  # sequence positions, prefix included
         self.transformer = Transformer(a)
-        self.head = HEADS[m.head](a.dim, spec.vocab_size)
+        head, config_field = HEADS[m.head]
+        self.head = head(a.dim, spec.vocab_size, getattr(m, config_field))
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.initialize_weights()
 

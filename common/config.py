@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import sys
 from pathlib import Path
@@ -284,3 +285,22 @@ def check_paths(cfg: Any, paths: dict[str, str]) -> None:
             value = getattr(value, part)
         if value and not Path(value).exists():
             raise ConfigError(f"{key}={value} not found; {how}")
+
+
+def recorded_differences(stored: dict, now: dict) -> list[str]:
+    """'key: checkpoint A, now B' for every (dotted) key a checkpoint recorded whose value now
+    differs. A key the checkpoint lacks is a setting added since it was written, whose default
+    keeps the old behaviour, so only what it recorded is compared."""
+    flat_stored, flat_now = _flatten(stored), _flatten(json.loads(json.dumps(now)))  # tuples -> lists
+    return [f"{k}: checkpoint {flat_stored[k]!r}, now {flat_now.get(k, '(absent)')!r}"
+            for k in sorted(flat_stored) if flat_stored[k] != flat_now.get(k)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -53,3 +53,15 @@ def test_yaml_round_trip_and_help_lists_comments():
     assert back == cfg
     lines = "\n".join(describe(RunConfig))
     assert "max_steps: int = 1000  # optimiser steps" in lines
+
+
+def test_resume_identity_compares_what_the_checkpoint_recorded():
+    """A setting added after a checkpoint was written (absent from it) does not block its
+    resume; a recorded one that changed is listed by its dotted key."""
+    from common.config import recorded_differences
+
+    stored = {"model": {"dim": 64, "order": "raster"}, "train": {"lr": 0.001}}
+    now = {"model": {"dim": 64, "order": "raster", "cell": 2}, "train": {"lr": 0.001}}
+    assert recorded_differences(stored, now) == []
+    now["train"]["lr"] = 0.01
+    assert recorded_differences(stored, now) == ["train.lr: checkpoint 0.001, now 0.01"]

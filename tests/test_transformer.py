@@ -92,3 +92,17 @@ def test_registry_sizes_match_llamagen_parameter_counts():
     assert set(AR_SIZES) >= {"debug", "AR-B", "AR-L", "AR-XL", "AR-XXL"}
     a = transformer_args(ModelConfig(size="AR-L"))
     assert a.ffn_hidden == 2816 and a.head_dim == 64
+
+
+def test_head_is_built_from_its_own_config():
+    """model.token_head.label_smoothing reaches the head's loss (MaskGIT-style smoothing)."""
+    from ar.heads import TokenHeadConfig
+
+    smooth = tiny_model(token_head=TokenHeadConfig(label_smoothing=0.1))
+    plain = tiny_model()
+    seq, cond = torch.randint(0, 32, (2, 16)), ClassCondition(torch.tensor([0, 1]))
+    with torch.no_grad():
+        logits = plain.head.logits(plain.hidden(seq, cond))
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), label_smoothing=0.1)
+        assert torch.allclose(smooth(seq.view(2, 4, 4), cond)["loss"], want, atol=1e-6)
+        assert not torch.allclose(plain(seq.view(2, 4, 4), cond)["loss"], want)

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from common.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
+from common.config import (ConfigError, check_fields, check_paths, parse_cli, recorded_differences,
+                           run_cli, to_yaml)
 from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
 from common.io import DiskFullError, atomic_torch_save, atomic_write_text
 from dataset.folder import ClassFolderDataset
@@ -252,9 +253,7 @@ def check_identity(path, stored: dict | None, identity: dict) -> None:
     """Refuse to resume a checkpoint made with other images or settings, naming each one."""
     if stored is None:  # written before identities were stored
         return
-    now = json.loads(json.dumps(identity))  # tuples -> lists, as stored
-    diffs = [f"{part}.{k}: checkpoint {stored[part].get(k)!r}, now {v!r}"
-             for part in now for k, v in now[part].items() if stored.get(part, {}).get(k) != v]
+    diffs = recorded_differences(stored, identity)
     if diffs:
         raise ValueError(f"{path} was made with other images or settings than this run "
                          f"({'; '.join(diffs)}). To start a new run, choose another out_dir= (or "

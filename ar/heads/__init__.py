@@ -1,6 +1,7 @@
 """Prediction heads. A head owns its training loss and its draw of one step's tokens (MAR's
 DiffLoss pattern), so the backbone never knows whether it predicts codebook indices, groups of
-tokens or continuous latents. A head initialises its own output layer.
+tokens or continuous latents. A head is built from its own config (a section of the model
+config, e.g. `model.token_head`) and initialises its own output layer.
 
 Interface:
     head.loss(h, target) -> (loss, metrics)      h (B, N, D) hidden states, target (B, N);
@@ -13,8 +14,9 @@ Interface:
 
 from __future__ import annotations
 
-from ar.heads.token import TokenHead
+from ar.heads.token import TokenHead, TokenHeadConfig
 
-HEADS = {"token": TokenHead}
+# name -> (head class, the ModelConfig field holding its config)
+HEADS = {"token": (TokenHead, "token_head")}
 
-__all__ = ["HEADS", "TokenHead"]
+__all__ = ["HEADS", "TokenHead", "TokenHeadConfig"]

@@ -6,16 +6,28 @@ token per step for next-token, a whole group for the next-X orders.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ar.logits import combine_cfg, process_logits, sample_categorical
+from common.config import check_fields
+
+
+@dataclass
+class TokenHeadConfig:
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (MaskGIT trains with 0.1; LlamaGen 0)
+
+    def validate(self) -> None:
+        check_fields(self, "model.token_head.", {"label_smoothing": "[0, 1)"})
 
 
 class TokenHead(nn.Module):
-    def __init__(self, dim: int, vocab_size: int):
+    def __init__(self, dim: int, vocab_size: int, cfg: TokenHeadConfig | None = None):
         super().__init__()
+        self.cfg = cfg or TokenHeadConfig()
         self.vocab_size = vocab_size
         self.output = nn.Linear(dim, vocab_size, bias=False)
 
@@ -29,7 +41,8 @@ class TokenHead(nn.Module):
     def loss(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """h (B, N, D) hidden states predicting target (B, N); metrics are free-form."""
         logits = self.logits(h)  # (B, N, V) in float32 for a stable log-softmax
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                               label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(-1) == target).float().mean()
         return loss, {"acc": acc.detach()}
 
