@@ -34,9 +34,6 @@ class ClassCondition:
         """The rows of a CFG batch: these conditions first, then as many null ones."""
         return ClassCondition(torch.cat([self.labels, torch.full_like(self.labels, null_id)]))
 
-    def split(self, size: int) -> list[ClassCondition]:
-        return [ClassCondition(part) for part in self.labels.split(size)]
-
 
 class LabelEmbedder(nn.Module):
     """Class labels -> prefix tokens (LlamaGen's `cls_embedding`)."""

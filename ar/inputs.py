@@ -74,28 +74,27 @@ class NextGroupInputs(nn.Module):
         blocks = torch.cat([torch.full((prefix,), -1, device=CPU), order.step_of])
         self.register_buffer("blocks", blocks, persistent=False)
         self.causal = _block_causal(blocks)
-        # sequence index of the input token of every element of steps >= 1
-        self.register_buffer("source", torch.arange(order.num_tokens, device=CPU) - group, persistent=False)
         self.group = group
 
     def initialize(self) -> None:
         nn.init.normal_(self.start, std=0.02)
 
+    def _start(self, rows: int, dtype: torch.dtype, vector: torch.Tensor | None) -> torch.Tensor:
+        """Step 0's inputs (rows, G, D): the start embeddings, plus the condition's vector."""
+        x = self.start.to(dtype).expand(rows, -1, -1)
+        return x if vector is None else x + vector
+
     def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
-        B, G = seq.shape[0], self.group
-        later = model.embed_tokens(seq[:, self.source[G:]], vector)  # (B, N - G, D)
-        first = self.start.to(later.dtype).expand(B, G, -1)  # (B, G, D)
-        if vector is not None:
-            first = first + vector
-        return torch.cat([first, later], dim=1)  # (B, N, D)
+        # equal steps: element i of steps >= 1 sees sequence element i - G
+        later = model.embed_tokens(seq[:, :-self.group], vector)  # (B, N - G, D)
+        return torch.cat([self._start(seq.shape[0], later.dtype, vector), later], dim=1)  # (B, N, D)
 
     def step(self, model, s: int, prev: torch.Tensor | None, vector: torch.Tensor | None,
              rows: int):
         lo, hi = self.order.span(s)
         pos = self.out_positions[lo:hi]  # (G,)
         if s == 0:
-            x = self.start.to(model.dtype).expand(rows, -1, -1)  # (R, G, D)
-            return (x if vector is None else x + vector), pos
+            return self._start(rows, model.dtype, vector), pos
         return model.embed_tokens(prev, vector), pos
 
 

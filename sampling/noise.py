@@ -56,9 +56,7 @@ def uniform(keys: torch.Tensor, step: torch.Tensor | int, size: int) -> torch.Te
     """Uniform (0, 1) float32 noise (B, size) for one counter value; `keys` from `image_keys`."""
     step_keys = _mix(keys, step)  # (B,)
     entries = torch.arange(size, dtype=torch.int64, device=keys.device)
-    bits = hash32(step_keys[:, None] ^ hash32(entries * _GOLDEN + 1))  # (B, size)
-    # 24 random bits fill a float32 mantissa exactly; the +0.5 keeps 0 and 1 out
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return _unit(hash32(step_keys[:, None] ^ hash32(entries * _GOLDEN + 1)))  # (B, size)
 
 
 def uniform_elements(keys: torch.Tensor, elements: torch.Tensor, size: int) -> torch.Tensor:
@@ -67,7 +65,11 @@ def uniform_elements(keys: torch.Tensor, elements: torch.Tensor, size: int) -> t
     and an element's noise does not depend on how the order groups it."""
     element_keys = _mix(keys[:, None], elements[None, :])  # (B, G)
     entries = torch.arange(size, dtype=torch.int64, device=keys.device)
-    bits = hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1))  # (B, G, size)
+    return _unit(hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1)))  # (B, G, size)
+
+
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    # 24 random bits fill a float32 mantissa exactly; the +0.5 keeps 0 and 1 out
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 

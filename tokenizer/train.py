@@ -3,7 +3,7 @@
     python -m tokenizer.train --config configs/tokenizer/quickstart.yaml [key=value ...]
     torchrun --nproc_per_node=N -m tokenizer.train --config ... (DDP; global batch split over ranks)
 
-Re-running the same command resumes from OUT_DIR/checkpoint.pt. At the end it exports
+Re-running the same command resumes from OUT_DIR/checkpoint.pt (tokenizer/resume.py). At the end it exports
 OUT_DIR/vq.safetensors (+ .yaml), OUT_DIR/summary.json and OUT_DIR/recon.png (originals above
 their reconstructions). Losses: l2 (+ optional l1) reconstruction, codebook and commitment
 losses, and optionally a PatchGAN hinge loss with VQGAN's adaptive weight.
@@ -11,8 +11,6 @@ losses, and optionally a PatchGAN hinge loss with VQGAN's adaptive weight.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import inspect
 import json
@@ -29,14 +27,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from common.config import (ConfigError, check_fields, check_paths, parse_cli, recorded_differences,
-                           run_cli, to_yaml)
+from common.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
 from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
-from common.io import DiskFullError, atomic_torch_save, atomic_write_text
+from common.io import atomic_write_text
 from dataset.folder import ClassFolderDataset
 from dataset.images import save_png, to_uint8
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from tokenizer.resume import disk_full_advice, load_checkpoint, run_identity, save_checkpoint
 from tokenizer.vq import VQConfig
 
 
@@ -233,58 +231,7 @@ def track_codes(raw, stats, t: TrainConfig, step: int) -> int:
     return restarted
 
 
-# ---------------------------------------------------------------- checkpoints and outputs
-
-# settings that define a tokenizer run: a resume with any of them changed is refused
-RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "grad_clip",
-               "l1_weight", "codebook_weight", "restart_dead", "gan", "disc_start", "disc_weight",
-               "disc_layers", "disc_ch", "seed")
-
-
-def run_identity(cfg, dataset) -> dict:
-    """The training images and the settings that define the run, stored in the checkpoint."""
-    return {"data": {"images": len(dataset), "classes": list(dataset.classes),
-                     "resolution": cfg.data.resolution},
-            "model": dataclasses.asdict(cfg.model),
-            "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
-
-
-def check_identity(path, stored: dict | None, identity: dict) -> None:
-    """Refuse to resume a checkpoint made with other images or settings, naming each one."""
-    if stored is None:  # written before identities were stored
-        return
-    diffs = recorded_differences(stored, identity)
-    if diffs:
-        raise ValueError(f"{path} was made with other images or settings than this run "
-                         f"({'; '.join(diffs)}). To start a new run, choose another out_dir= (or "
-                         f"delete {path}); to continue this one, run it with its original settings")
-
-
-def save_checkpoint(path, raw, disc, opt, opt_d, step, identity=None) -> None:
-    q = raw.quantize
-    atomic_torch_save({
-        "model": raw.state_dict(), "optimizer": opt.state_dict(),
-        "discriminator": disc.state_dict() if disc is not None else {},
-        "disc_optimizer": opt_d.state_dict() if opt_d is not None else {},
-        "step": step, "rng": torch.get_rng_state(),
-        "usage": {"last_used": q.last_used.cpu(), "track_step": q.track_step.cpu()},
-        "identity": identity,
-    }, path)
-
-
-def load_checkpoint(path, raw, disc, opt, opt_d, identity=None) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    check_identity(path, ckpt.get("identity"), identity or {})
-    raw.load_state_dict(ckpt["model"], strict=True)
-    opt.load_state_dict(ckpt["optimizer"])
-    if disc is not None and ckpt["discriminator"]:
-        disc.load_state_dict(ckpt["discriminator"])
-        opt_d.load_state_dict(ckpt["disc_optimizer"])
-    raw.quantize.last_used.copy_(ckpt["usage"]["last_used"])
-    raw.quantize.track_step.copy_(ckpt["usage"]["track_step"])
-    torch.set_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
-
+# ---------------------------------------------------------------- outputs
 
 @torch.no_grad()
 def evaluate(raw, dataset, n: int, device, out_dir: Path, keep_images: bool = False) -> dict:
@@ -398,17 +345,6 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     bar.close()
     with disk_full_advice(saved):
         return finish(cfg, raw, disc, opt, opt_d, info, log, writer, time.time() - t0, start, identity)
-
-
-@contextlib.contextmanager
-def disk_full_advice(saved: int):
-    """Name the checkpoint a re-run will resume from when a write fails on a full disk."""
-    try:
-        yield
-    except DiskFullError as e:
-        last = f"step {saved}" if saved else "none yet (the run starts over)"
-        raise DiskFullError(e.path, f"free space and run the same command again; the last "
-                                    f"complete checkpoint is {last}") from e
 
 
 def _no_buffer_sync() -> dict:
