@@ -8,12 +8,15 @@ classifier-free guidance. Training replaces labels by it with probability `train
 processes), and sampling feeds it to the unconditional CFG rows.
 
 The model turns a condition into prefix embeddings (B, P, D), the condition's tokens at the
-start of the sequence (`LabelEmbedder` for class labels), and an optional vector (B, 1, D)
-added to every input (`model.cond_add`); both are made once per batch (`ARModel.condition`).
+start of the sequence (`LabelEmbedder` for class labels; P may be 0), an optional vector
+(B, 1, D) added to every input (`model.cond_add`), and an optional vector (B, 1, D) that drives
+the blocks' adaLN modulation (`model.backbone.adaln`, xAR's `class_emb`), to which flow models
+add a timestep embedding per step (`TimestepEmbedder`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,18 +39,52 @@ class ClassCondition:
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> prefix tokens (LlamaGen's `cls_embedding`)."""
+    """Class labels -> prefix tokens (LlamaGen's `cls_embedding`) and/or an adaLN vector."""
 
-    def __init__(self, num_classes: int, dim: int, num_tokens: int = 1):
+    def __init__(self, num_classes: int, dim: int, num_tokens: int = 1, vector: bool = False):
         super().__init__()
         self.num_classes, self.num_tokens, self.dim = num_classes, num_tokens, dim
-        # one extra row: the null class used for the unconditional branch of CFG
-        self.embedding_table = nn.Embedding(num_classes + 1, num_tokens * dim)
+        # one extra row in each table: the null class of the unconditional CFG branch
+        self.embedding_table = nn.Embedding(num_classes + 1, num_tokens * dim) if num_tokens else None
+        self.vector_table = nn.Embedding(num_classes + 1, dim) if vector else None
 
     @property
     def null_id(self) -> int:
         return self.num_classes
 
     def forward(self, cond: ClassCondition) -> torch.Tensor:
-        """Prefix embeddings (B, P, D)."""
+        """Prefix embeddings (B, P, D); P = 0 gives an empty prefix."""
+        if self.embedding_table is None:
+            table = self.vector_table.weight
+            return table.new_zeros(len(cond), 0, self.dim)
         return self.embedding_table(cond.labels).view(len(cond), self.num_tokens, self.dim)
+
+    def vector(self, cond: ClassCondition) -> torch.Tensor:
+        """The adaLN conditioning vector (B, 1, D)."""
+        return self.vector_table(cond.labels)[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> (.., D): a 256-wide sinusoid of the integer index
+    k = trunc(1000 t), then Linear, SiLU, Linear (DiT's embedder, xAR's use of it).
+
+    Follows xAR `models/xar.py` (TimestepEmbedder as in DiT): the index is computed in float32
+    and truncated, not rounded (1000 * 0.862 -> 862), and the sinusoid is [cos, sin] in
+    float32, so that released weights see the indices they were trained on.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        k = (t.float() * 1000).trunc()  # float32 product, truncated
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                            device=t.device) / half)
+        angles = k[..., None] * freqs  # (.., half)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (.., freq_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))

@@ -17,7 +17,12 @@ The sequence is [condition prefix (P positions)] + the inputs' positions. An inp
     next_group   discrete next-X: element i of step s sees the token at the same index of step
                  s - 1 (learned start embeddings for step 0) and predicts its own token; a whole
                  step is fed, and predicted, at once
-Flow (noisy group + timestep), next-scale and token-shuffle inputs will implement the same.
+    flow         continuous next-X (xAR): element i sees its own noisy latent x_t through a
+                 Linear and predicts its velocity; the step's t enters through the adaLN
+                 vector (`time_vectors`). Block-causal inclusive, as next_group. In training
+                 every step has its own t (noisy context); in sampling the finished previous
+                 step is fed again clean (t = 0) so that the KV cache holds clean context.
+Next-scale and token-shuffle inputs will implement the same.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ar.conditioning import TimestepEmbedder
 from ar.orders import CPU, Order  # buffers are built on the CPU, even under a meta device
 
 
@@ -35,8 +41,9 @@ def _block_causal(blocks: torch.Tensor) -> bool:
 
 class NextTokenInputs(nn.Module):
     kind = "next_token"
+    timed = False  # no flow time in the adaLN vector
 
-    def __init__(self, order: Order, prefix: int, dim: int):
+    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
         super().__init__()
         if order.step_sizes != [1] * order.num_tokens:
             raise ValueError(f"model.inputs=next_token needs one token per step; order {order} "
@@ -59,21 +66,29 @@ class NextTokenInputs(nn.Module):
         return model.embed_tokens(prev, vector), pos
 
 
-class NextGroupInputs(nn.Module):
-    kind = "next_group"
+class _OwnStepInputs(nn.Module):
+    """Position P + i holds an input for sequence element i and predicts it; a step's
+    positions form one attention block, the prefix a block before every step."""
 
-    def __init__(self, order: Order, prefix: int, dim: int):
+    def __init__(self, order: Order, prefix: int):
         super().__init__()
         self.order, self.prefix = order, prefix
-        group = order.group_size  # equal steps: element j of step s sees element j of step s - 1
         self.length = order.num_tokens
-        self.start = nn.Parameter(torch.zeros(group, dim))  # (G, D) the inputs of step 0
         self.register_buffer("out_positions", torch.arange(order.num_tokens, device=CPU) + prefix,
                              persistent=False)
-        # the prefix is one block before every step: the condition is seen by all
         blocks = torch.cat([torch.full((prefix,), -1, device=CPU), order.step_of])
         self.register_buffer("blocks", blocks, persistent=False)
         self.causal = _block_causal(blocks)
+
+
+class NextGroupInputs(_OwnStepInputs):
+    kind = "next_group"
+    timed = False
+
+    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
+        super().__init__(order, prefix)
+        group = order.group_size  # equal steps: element j of step s sees element j of step s - 1
+        self.start = nn.Parameter(torch.zeros(group, dim))  # (G, D) the inputs of step 0
         self.group = group
 
     def initialize(self) -> None:
@@ -98,4 +113,27 @@ class NextGroupInputs(nn.Module):
         return model.embed_tokens(prev, vector), pos
 
 
-INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs}
+class FlowInputs(_OwnStepInputs):
+    kind = "flow"
+    timed = True  # each fed group's flow time enters its adaLN vector
+
+    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
+        super().__init__(order, prefix)
+        self.proj = nn.Linear(channels, dim)  # (C -> D) xAR's z_proj
+        self.time_embed = TimestepEmbedder(dim)
+
+    def embed(self, latents: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        """Latents (B, n, C) -> (B, n, D), plus the condition's vector when there is one."""
+        x = self.proj(latents.to(self.proj.weight.dtype))
+        return x if vector is None else x + vector
+
+    def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        return self.embed(seq, vector)  # seq: the noisy latents x_t (B, N, C)
+
+    def time_vectors(self, class_vector: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """adaLN vectors (B, S, D): the class vector (B, 1, D) plus the embedding of each t
+        (B, S) (one per step, or per fed group while sampling)."""
+        return class_vector + self.time_embed(t).to(class_vector.dtype)
+
+
+INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs, "flow": FlowInputs}

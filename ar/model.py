@@ -4,7 +4,8 @@
         --transformer (block-causal mask)--> hidden states predicting each element --head-->
         loss | one step's tokens
 
-`ARModel.forward` is the training path. Inference: `prefill(condition)` writes the prefix into
+`ARModel.forward` is the training path: the head says what the model is fed and must predict
+(`head.training_pair`: the codes themselves, or noisy latents and their velocity for flow). Inference: `prefill(condition)` writes the prefix into
 the static KV cache set up by `setup_cache`, then `extend(x, positions)` feeds T inputs at T
 positions against it; the cache is the model's only mutable inference state. The free
 functions in `sampling/generate.py` drive them step by step. Cached decoding equals a full
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ar.conditioning import ClassCondition, LabelEmbedder
-from ar.heads import HEADS, TokenHeadConfig
+from ar.heads import HEADS, FlowHeadConfig, TokenHeadConfig
 from ar.inputs import INPUTS
 from ar.orders import ORDERS, make_order
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
@@ -32,19 +33,41 @@ from common.config import ConfigError, check_fields
 
 
 @dataclass
+class BackboneConfig:
+    """The block's switches (ar/transformer.py); the defaults are LlamaGen's block."""
+
+    norm_eps: float = 1e-5  # RMSNorm epsilon (xAR: 1e-6)
+    block_norm_affine: bool = True  # a learned weight in the blocks' norms (xAR: false)
+    ffn_gate: str = "silu"  # feed-forward gate: silu (SwiGLU) | gelu (xAR)
+    ffn_hidden: Optional[int] = None  # feed-forward width; None: 8/3 dim rounded up to 256 (LlamaGen)
+    bias: bool = False  # biases on qkv, attention output and feed-forward (xAR: true)
+    adaln: bool = False  # six-way adaLN from a class vector (+ the step's timestep for flow)
+    input_norm: bool = False  # RMSNorm with weight on the inputs (xAR's z_proj_ln)
+    split: int = 0  # blocks in the first of two halves joined by norm + Linear + position table (xAR: depth / 2)
+    attn_dropout: float = 0.0  # dropout on attention probabilities (xAR trains with 0.1)
+
+    def validate(self) -> None:
+        check_fields(self, "model.backbone.", {"norm_eps": "> 0", "ffn_gate": ("silu", "gelu"),
+                                               "ffn_hidden": ">= 1", "split": ">= 0",
+                                               "attn_dropout": "[0, 1)"})
+
+
+@dataclass
 class ModelConfig:
     size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B
     dim: Optional[int] = None  # override the size's width
     n_layer: Optional[int] = None  # override the size's depth
     n_head: Optional[int] = None  # override the size's number of attention heads
     n_kv_head: Optional[int] = None  # key/value heads for grouped-query attention (None: = n_head)
-    head: str = "token"  # prediction head, a name in ar.heads.HEADS
+    head: str = "token"  # prediction head, a name in ar.heads.HEADS: token (discrete codes) | flow (latents)
     token_head: TokenHeadConfig = field(default_factory=TokenHeadConfig)  # the token head's options
+    flow_head: FlowHeadConfig = field(default_factory=FlowHeadConfig)  # the flow head's options
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the block's switches
     order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole
     cell: int = 2  # order=cell: k x k tokens per step (k divides both grid sides)
     subsample: int = 2  # order=subsample: s x s steps, each the sub-grid of one offset
-    inputs: str = "auto"  # next_token | next_group | auto (next_token for raster, else next_group)
-    cond_tokens: int = 1  # number of prefix tokens the class condition occupies
+    inputs: str = "auto"  # next_token | next_group | flow | auto (flow for the flow head; else next_token for raster, next_group otherwise)
+    cond_tokens: int = 1  # prefix tokens the class condition occupies (0: none; the class enters by adaLN)
     rope_base: float = 10000.0  # rotary embedding base
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
     pos_embed: str = "none"  # absolute position embedding added to the inputs: none (LlamaGen) | learned
@@ -68,10 +91,24 @@ class ModelConfig:
             raise ConfigError(f"model.pos_embed={self.pos_embed!r}; choose none or learned")
         check_fields(self, "model.", {"inputs": ("auto", *INPUTS), "cell": ">= 1", "subsample": ">= 1",
                                       "dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
-                                      "n_kv_head": ">= 1", "cond_tokens": ">= 1", "rope_base": "> 0",
+                                      "n_kv_head": ">= 1", "cond_tokens": ">= 0", "rope_base": "> 0",
                                       "token_dropout": "[0, 1)", "resid_dropout": "[0, 1)",
                                       "ffn_dropout": "[0, 1)"})
+        self.backbone.validate()
+        kind = input_kind(self)
+        if (self.head == "flow") != (kind == "flow"):
+            raise ConfigError(f"model.head={self.head} with model.inputs={kind}: the flow head "
+                              f"needs model.inputs=flow (or auto), and flow inputs the flow head")
+        if self.cond_tokens == 0 and not self.backbone.adaln:
+            raise ConfigError("model.cond_tokens=0 leaves the class no way in: set "
+                              "model.backbone.adaln=true, or cond_tokens >= 1")
+        if self.cond_tokens == 0 and kind == "next_token":
+            raise ConfigError("model.inputs=next_token predicts token 0 from the last prefix "
+                              "position: it needs model.cond_tokens >= 1")
         a = transformer_args(self)
+        if a.split >= a.n_layer:
+            raise ConfigError(f"model.backbone.split={a.split} must be below the number of "
+                              f"layers ({a.n_layer})")
         if a.dim % a.n_head or a.n_head % a.n_kv_head or a.head_dim % 4:
             raise ConfigError(f"model: dim {a.dim} must split into {a.n_head} heads of a width "
                               f"divisible by 4, and n_head must be a multiple of n_kv_head "
@@ -84,7 +121,8 @@ class GeneratorSpec:
     derived once from the code cache. Stored in every weights file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture choices
-    vocab_size: int = 0  # codebook size of the tokenizer
+    vocab_size: int = 0  # codebook size of the tokenizer (discrete)
+    latent_channels: int = 0  # channels per latent position (continuous tokenizers)
     grid_h: int = 0  # code-grid rows
     grid_w: int = 0  # code-grid columns
     num_classes: int = 0  # number of real classes (the null class is extra)
@@ -104,22 +142,25 @@ class ARModel(nn.Module):
         super().__init__()
         self.spec = spec
         m = spec.model
-        a = transformer_args(m)
+        head, config_field = HEADS[m.head]
         self.prefix = m.cond_tokens
         self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample)
         self.num_tokens = self.order.num_tokens
-        self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens)
-        self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim)
+        kind = input_kind(m)
+        a = transformer_args(m, self.prefix + self.num_tokens - (kind == "next_token"))
+        self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln)
+        # discrete inputs are codebook embeddings; flow inputs project latents themselves
+        self.tok_embeddings = None if head.continuous else nn.Embedding(spec.vocab_size, a.dim)
         # (num_classes + 1, D): the label's embedding added to every input, null row included
         self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
         self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
                           if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
-        self.inputs = INPUTS[input_kind(m)](self.order, self.prefix, a.dim)
+        self.inputs = INPUTS[kind](self.order, self.prefix, a.dim, spec.latent_channels)
         self.length = self.prefix + self.inputs.length  # sequence positions, prefix included
         self.transformer = Transformer(a)
-        head, config_field = HEADS[m.head]
-        self.head = head(a.dim, spec.vocab_size, getattr(m, config_field))
+        outputs = spec.latent_channels if head.continuous else spec.vocab_size
+        self.head = head(a.dim, outputs, getattr(m, config_field))
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.initialize_weights()
 
@@ -144,15 +185,20 @@ class ARModel(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
-        if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed, std=0.02)
+        for table in (self.pos_embed, getattr(self.transformer, "mid_pos", None)):
+            if table is not None:
+                nn.init.normal_(table, std=0.02)
+        for layer in self.transformer.layers:
+            if layer.modulation is not None:  # adaLN-zero (DiT): every block starts as identity
+                nn.init.zeros_(layer.modulation[-1].weight)
+                nn.init.zeros_(layer.modulation[-1].bias)
         if hasattr(self.inputs, "initialize"):
             self.inputs.initialize()
         self.head.initialize()  # ... and the head its own output layer (zero: uniform predictions)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        return self.transformer.norm.weight.dtype
 
     def condition(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prefix embeddings (B, P, D), the vector added to every input (B, 1, D) or None)."""
@@ -177,19 +223,41 @@ class ARModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, codes: torch.Tensor, cond: ClassCondition) -> dict:
-        """codes (B, h, w) or (B, N); cond with the null id for dropped conditions."""
-        seq = self.order.to_sequence(codes)  # (B, N)
-        loss, metrics = self.head.loss(self.hidden(seq, cond), seq)
+    def forward(self, data: torch.Tensor, cond: ClassCondition, draws=None) -> dict:
+        """data: codes (B, h, w) or (B, N), or latents (B, C, h, w); cond with the null id for
+        dropped conditions; draws: the flow head's (t, eps) instead of random ones (tests)."""
+        seq = self.order.to_sequence(data)  # (B, N) codes or (B, N, C) latents
+        inputs, target, t = self.head.training_pair(seq, self.order.step_of, draws)
+        loss, metrics = self.head.loss(self.hidden(inputs, cond, t), target)
         return {"loss": loss, **metrics}
 
-    def hidden(self, seq: torch.Tensor, cond: ClassCondition) -> torch.Tensor:
-        """Teacher-forced hidden states (B, N, D): row i predicts sequence element i."""
+    def hidden(self, seq: torch.Tensor, cond: ClassCondition,
+               t: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced hidden states (B, N, D): row i predicts sequence element i; t (B, S)
+        is each step's flow time (flow inputs)."""
         prefix, vector = self.condition(cond)
         x = torch.cat([prefix, self.inputs.teacher_forced(self, seq, vector)], dim=1)  # (B, L, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
-        h = self.transformer(x, self.rope[: x.shape[1]], self.attention_mask())  # (B, L, D)
+        h = self.transformer(x, self.rope[: x.shape[1]], self.attention_mask(),
+                             ada=self.modulation(cond, t))  # (B, L, D)
         return h[:, self.inputs.out_positions]
+
+    def modulation(self, cond: ClassCondition, t: torch.Tensor | None = None):
+        """adaLN input for a whole sequence: None without adaLN; the class vector for every
+        position; with flow times t (B, S), one vector per step, the prefix getting t = 0."""
+        if t is None:
+            vectors = self.ada_vectors(cond)
+            return None if vectors is None else (vectors, None)
+        t = torch.cat([t.new_zeros(t.shape[0], 1), t], dim=1)  # (B, 1 + S): row 0 the prefix's
+        return self.ada_vectors(cond, t), self.inputs.blocks + 1
+
+    def ada_vectors(self, cond: ClassCondition, t: torch.Tensor | None = None):
+        """The distinct adaLN vectors of positions fed together: (B, 1, D) from the class, or
+        (B, S', D) with flow times t (B, S'); None without adaLN."""
+        if self.cond.vector_table is None:
+            return None
+        vector = self.cond.vector(cond)  # (B, 1, D)
+        return vector if t is None else self.inputs.time_vectors(vector, t)
 
     # ----------------------------------------------------------------- inference
 
@@ -199,22 +267,32 @@ class ARModel(nn.Module):
     def clear_cache(self) -> None:
         self.transformer.clear_cache()
 
-    def extend(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def extend(self, x: torch.Tensor, positions: torch.Tensor, ada=None) -> torch.Tensor:
         """Feed inputs x (B, T, D) at sequence positions (T,) against the KV cache; returns
-        their hidden states (B, T, D). Positions stay on the device: no host sync."""
+        their hidden states (B, T, D). Positions stay on the device: no host sync. ada: the
+        adaLN input (vectors (B, S, D), index (T,) | None) of adaLN models."""
         x = self._with_pos(x, positions)
-        return self.transformer(x, self.rope[positions], self.attention_mask(positions), positions)
+        return self.transformer(x, self.rope[positions], self.attention_mask(positions),
+                                positions, ada)
 
     def prefill(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write the condition prefix into the cache; returns its hidden states (B, P, D) and
         the condition's vector for the inputs that follow (None without model.cond_add)."""
         prefix, vector = self.condition(cond)
-        return self.extend(prefix, torch.arange(self.prefix, device=prefix.device)), vector
+        if self.prefix == 0:
+            return prefix, vector
+        # flow models see the prefix as clean context (t = 0), as in training
+        t = prefix.new_zeros(len(cond), 1) if self.inputs.timed else None
+        vectors = self.ada_vectors(cond, t)
+        ada = None if vectors is None else (vectors, None)
+        return self.extend(prefix, torch.arange(self.prefix, device=prefix.device), ada), vector
 
 
 def input_kind(m: ModelConfig) -> str:
     if m.inputs != "auto":
         return m.inputs
+    if m.head == "flow":
+        return "flow"
     return "next_token" if m.order == "raster" else "next_group"
 
 
@@ -223,19 +301,30 @@ def input_kind(m: ModelConfig) -> str:
 ##################################################################################
 
 
-def transformer_args(m: ModelConfig) -> TransformerArgs:
+def transformer_args(m: ModelConfig, length: int = 0) -> TransformerArgs:
+    """The backbone's arguments; `length` (sequence positions) sizes a two-half stack's table."""
     base = AR_SIZES.get(m.size, AR_SIZES["debug"])
     dim = m.dim or base["dim"]
     n_head = m.n_head or base["n_head"]
+    b = m.backbone
     return TransformerArgs(
         dim=dim,
         n_layer=m.n_layer or base["n_layer"],
         n_head=n_head,
         n_kv_head=m.n_kv_head or n_head,
         # SwiGLU with 2/3 of 4*dim, rounded up to a multiple of 256 (LlamaGen / LLaMA)
-        ffn_hidden=find_multiple(int(2 * 4 * dim / 3), 256),
+        ffn_hidden=b.ffn_hidden or find_multiple(int(2 * 4 * dim / 3), 256),
+        norm_eps=b.norm_eps,
         resid_dropout=m.resid_dropout,
         ffn_dropout=m.ffn_dropout,
+        attn_dropout=b.attn_dropout,
+        block_norm_affine=b.block_norm_affine,
+        ffn_gate=b.ffn_gate,
+        bias=b.bias,
+        adaln=b.adaln,
+        input_norm=b.input_norm,
+        split=b.split,
+        capacity=length,
     )
 
 
@@ -248,4 +337,8 @@ AR_SIZES: dict[str, dict[str, int]] = {
     "AR-XL": dict(dim=1280, n_layer=36, n_head=20),  # 775M
     "AR-XXL": dict(dim=1536, n_layer=48, n_head=24),  # 1.4B
     "AR-3B": dict(dim=3200, n_layer=24, n_head=32),  # 3.1B
+    # xAR's shapes (its encoder + decoder halves as one depth); parameters with its backbone
+    "xAR-B": dict(dim=768, n_layer=16, n_head=12),  # 173M
+    "xAR-L": dict(dim=1024, n_layer=32, n_head=16),  # 608M
+    "xAR-H": dict(dim=1280, n_layer=40, n_head=16),  # 1.19B
 }

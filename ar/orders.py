@@ -58,13 +58,19 @@ class Order:
         return self.starts[step], self.starts[step + 1]
 
     def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) or (B, h*w) grid codes -> (B, N) sequence."""
-        flat = codes.reshape(codes.shape[0], self.num_tokens)  # (B, N) row-major
+        """(B, h, w) or (B, h*w) grid codes -> (B, N) sequence; latents (B, C, h, w) ->
+        (B, N, C)."""
+        if codes.dim() == 4:
+            flat = codes.flatten(2).transpose(1, 2)  # (B, N, C) row-major
+        else:
+            flat = codes.reshape(codes.shape[0], self.num_tokens)  # (B, N) row-major
         return flat[:, self.perm.to(flat.device)]
 
     def to_grid(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, N) sequence -> (B, h, w) grid codes."""
-        flat = seq[:, self.inv.to(seq.device)]  # (B, N) row-major
+        """(B, N) sequence -> (B, h, w) grid codes; (B, N, C) latents -> (B, C, h, w)."""
+        flat = seq[:, self.inv.to(seq.device)]  # (B, N) or (B, N, C) row-major
+        if seq.dim() == 3:
+            return flat.transpose(1, 2).reshape(seq.shape[0], -1, self.grid_h, self.grid_w)
         return flat.reshape(seq.shape[0], self.grid_h, self.grid_w)
 
     def coords(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,33 @@
-"""The LLaMA-style backbone: RMSNorm, 2D rotary attention with an optional static KV cache,
-SwiGLU feed-forward. It maps embeddings to hidden states and knows nothing of tokens, heads,
+"""The backbone: one pre-norm block with a few switches, 2D rotary attention with an optional
+static KV cache. It maps embeddings to hidden states and knows nothing of tokens, heads,
 conditions or generation orders.
 
+The switches (`TransformerArgs`) are what released families differ in, so that their weights
+load exactly; the defaults are LlamaGen's block:
+
+    switch              LlamaGen (default)        xAR
+    block norm          RMSNorm, affine           RMSNorm, no affine
+    norm eps            1e-5                      1e-6
+    feed-forward        SwiGLU (SiLU gate)        GELU-gated (timm SwiGLU with nn.GELU)
+    hidden width        8/3 d rounded up to 256   int(8/3 d)
+    biases              none                      on qkv, out projection, MLP
+    adaLN               none                      six-way from a conditioning vector per token
+    input norm          none                      RMSNorm with weight after the input tables
+    two halves          one stack                 norm, Linear and a second learned position
+                                                  table between the halves (MAR's enc/dec)
+
+adaLN (DiT's pattern, xAR's and VAR's chunk order): SiLU then Linear(d, 6d) of the vector gives
+gamma1, gamma2, scale1, scale2, shift1, shift2 and a block computes
+    h = x + gamma1 * attn(norm(x) * (1 + scale1) + shift1)
+    out = h + gamma2 * mlp(norm(h) * (1 + scale2) + shift2).
+The vectors arrive as `ada = (vectors (B, S, D), index (T,) or None)`: position t uses row
+index[t] (e.g. its step's timestep vector), or row 0 for all when index is None; the Linear
+runs on the S distinct rows only.
+
 Adapted from: LlamaGen `autoregressive/models/gpt.py` and gpt-fast `model.py` (block layout,
-fused `wqkv`, static cache written by index). Written anew; the cache is an explicit object
-and attention over it uses a length mask built from positions, not hidden model state.
+fused `wqkv`, static cache written by index); xAR `models/xar.py` (the switches' semantics).
+Written anew; the cache is an explicit object and attention over it uses a length mask built
+from positions, not hidden model state.
 
 Shape letters: B batch, T sequence, D width, H query heads, K key/value heads, Dh head width,
 L cache capacity.
@@ -33,6 +56,14 @@ class TransformerArgs:
     norm_eps: float = 1e-5
     resid_dropout: float = 0.0
     ffn_dropout: float = 0.0
+    attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    block_norm_affine: bool = True  # a learned weight in the blocks' RMSNorms
+    ffn_gate: str = "silu"  # the feed-forward's gate: silu (SwiGLU) | gelu (exact erf GELU)
+    bias: bool = False  # biases on qkv, the attention output and the feed-forward Linears
+    adaln: bool = False  # six-way adaLN modulation of every block from a conditioning vector
+    input_norm: bool = False  # an RMSNorm with weight on the inputs before the first block
+    split: int = 0  # blocks in the first half of a two-half stack (0: one stack)
+    capacity: int = 0  # positions of the second half's learned table (two-half stacks)
 
     @property
     def head_dim(self) -> int:
@@ -60,16 +91,16 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 so bf16 activations keep their scale
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return xf.type_as(x) if self.weight is None else xf.type_as(x) * self.weight
 
 
 class KVCache(nn.Module):
@@ -101,9 +132,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
         # fused projection: H query heads then K key heads then K value heads
-        self.wqkv = nn.Linear(a.dim, (a.n_head + 2 * a.n_kv_head) * a.head_dim, bias=False)
-        self.wo = nn.Linear(a.n_head * a.head_dim, a.dim, bias=False)
+        self.wqkv = nn.Linear(a.dim, (a.n_head + 2 * a.n_kv_head) * a.head_dim, bias=a.bias)
+        self.wo = nn.Linear(a.n_head * a.head_dim, a.dim, bias=a.bias)
         self.resid_dropout = nn.Dropout(a.resid_dropout)
+        self.attn_dropout = a.attn_dropout
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
@@ -120,40 +152,59 @@ class Attention(nn.Module):
         if Hk != Hq:
             k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, H, L, Dh)
             v = v.repeat_interleave(Hq // Hk, dim=1)
+        p = self.attn_dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, Hq * Dh)  # (B, T, H*Dh)
         return self.resid_dropout(self.wo(y))
 
 
+GATES = {"silu": F.silu, "gelu": F.gelu}
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """Gated feed-forward: w2(gate(w1 x) * w3 x); SwiGLU with the SiLU gate."""
 
     def __init__(self, a: TransformerArgs):
         super().__init__()
-        self.w1 = nn.Linear(a.dim, a.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(a.dim, a.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(a.ffn_hidden, a.dim, bias=False)
+        self.gate = GATES[a.ffn_gate]
+        self.w1 = nn.Linear(a.dim, a.ffn_hidden, bias=a.bias)
+        self.w3 = nn.Linear(a.dim, a.ffn_hidden, bias=a.bias)
+        self.w2 = nn.Linear(a.ffn_hidden, a.dim, bias=a.bias)
         self.ffn_dropout = nn.Dropout(a.ffn_dropout)
         self.resid_dropout = nn.Dropout(a.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.w2(self.ffn_dropout(F.silu(self.w1(x)) * self.w3(x))))
+        return self.resid_dropout(self.w2(self.ffn_dropout(self.gate(self.w1(x)) * self.w3(x))))
+
+
+def modulation_of(layer: nn.Module, ada) -> list[torch.Tensor]:
+    """The six adaLN vectors (each (B, T|1, D)) of one block for ada = (vectors, index)."""
+    vectors, index = ada
+    mod = layer(vectors)  # (B, S, 6D), on the distinct vectors only
+    if index is not None:
+        mod = mod[:, index]  # (B, T, 6D)
+    return list(mod.chunk(6, dim=-1))  # gamma1, gamma2, scale1, scale2, shift1, shift2
 
 
 class Block(nn.Module):
     def __init__(self, a: TransformerArgs):
         super().__init__()
-        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps, a.block_norm_affine)
         self.attention = Attention(a)
-        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps, a.block_norm_affine)
         self.feed_forward = FeedForward(a)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim)) if a.adaln else None
 
-    def forward(self, x, rope, mask, pos):
-        x = x + self.attention(self.attention_norm(x), rope, mask, pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, rope, mask, pos, ada=None):
+        if self.modulation is None:
+            x = x + self.attention(self.attention_norm(x), rope, mask, pos)
+            return x + self.feed_forward(self.ffn_norm(x))
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation_of(self.modulation, ada)
+        x = x + gamma1 * self.attention(self.attention_norm(x) * (1 + scale1) + shift1, rope, mask, pos)
+        return x + gamma2 * self.feed_forward(self.ffn_norm(x) * (1 + scale2) + shift2)
 
 
 ##################################################################################
@@ -161,23 +212,38 @@ class Block(nn.Module):
 ##################################################################################
 
 class Transformer(nn.Module):
-    """A stack of pre-norm blocks and a final RMSNorm: (B, T, D) -> (B, T, D)."""
+    """A stack of pre-norm blocks and a final RMSNorm: (B, T, D) -> (B, T, D); optionally an
+    input norm, and two halves joined by a norm, a Linear and a second position table."""
 
     def __init__(self, a: TransformerArgs):
         super().__init__()
         self.args = a
+        self.input_norm = RMSNorm(a.dim, a.norm_eps) if a.input_norm else None
         self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        if a.split:
+            self.mid_norm = RMSNorm(a.dim, a.norm_eps)
+            self.mid_proj = nn.Linear(a.dim, a.dim)
+            self.mid_pos = nn.Parameter(torch.zeros(a.capacity, a.dim))  # (L, D) by position
         self.norm = RMSNorm(a.dim, a.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+                pos: torch.Tensor | None = None, ada=None) -> torch.Tensor:
         """x (B, T, D); rope (T, Dh/2, 2); mask: None for plain causal attention over x,
         else a boolean (T, L) "may attend" mask (L = T, or the cache capacity when cached);
         pos (T,): the sequence positions of x; given, the layers read and write their KV
-        cache (inference); None, attention covers x alone (training)."""
-        for layer in self.layers:
-            x = layer(x, rope, mask, pos)
+        cache (inference); None, attention covers x alone (training) from position 0.
+        ada: (vectors (B, S, D), index (T,) | None) for adaLN blocks, else None."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        for i, layer in enumerate(self.layers):
+            if i == self.args.split and i:
+                x = self._between_halves(x, pos)
+            x = layer(x, rope, mask, pos, ada)
         return self.norm(x)
+
+    def _between_halves(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        table = self.mid_pos[pos] if pos is not None else self.mid_pos[: x.shape[1]]  # (T, D)
+        return self.mid_proj(self.mid_norm(x)) + table.to(x.dtype)
 
     def setup_cache(self, batch: int, capacity: int, dtype: torch.dtype,
                     device: torch.device) -> None:

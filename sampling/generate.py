@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ar.conditioning import ClassCondition
 from common.config import ConfigError, check_fields
 from sampling import noise
+from sampling.flow import FLOW_SAMPLERS, generate_flow
 from sampling.guidance import CFG_SCHEDULES, scale_at
 
 
@@ -34,19 +35,22 @@ class SamplingConfig:
     temperature: float = 1.0  # softmax temperature; 0 = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = all
+    flow_sampler: str = "sde"  # flow models: sde (Euler-Maruyama, xAR's default) | ode (Euler)
+    flow_steps: int = 40  # flow models: network calls per step of the order (xAR-B: 40, L/H: 50)
 
     def validate(self) -> None:
         check_fields(self, "sampling.", {"cfg_scale": ">= 0", "cfg_schedule": CFG_SCHEDULES,
                                          "cfg_power": "> 0", "temperature": ">= 0",
-                                         "top_k": ">= 0", "top_p": "(0, 1]"})
+                                         "top_k": ">= 0", "top_p": "(0, 1]",
+                                         "flow_sampler": FLOW_SAMPLERS, "flow_steps": ">= 1"})
         lo_hi = self.cfg_interval
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
             raise ConfigError(f"sampling.cfg_interval={lo_hi} is out of range: it must be "
                               f"[lo, hi] with 0 <= lo < hi <= 1")
 
 
-def extend(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return model.extend(x, positions)
+def extend(model, x: torch.Tensor, positions: torch.Tensor, ada=None) -> torch.Tensor:
+    return model.extend(x, positions, ada)
 
 
 def compiled_extend() -> Callable:
@@ -58,7 +62,10 @@ def compiled_extend() -> Callable:
 def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
              settings: SamplingConfig, extend_fn: Callable | None = None,
              progress: bool = False) -> torch.Tensor:
-    """Sample code grids (B, h, w) for the conditions `cond` (B); image_ids (B,) key the noise."""
+    """Sample code grids (B, h, w) for the conditions `cond` (B); image_ids (B,) key the noise.
+    Flow models integrate each step instead (`sampling.flow`) and give latents (B, C, h, w)."""
+    if model.head.continuous:
+        return generate_flow(model, cond, image_ids, seed, settings, extend_fn, progress)
     order, inputs = model.order, model.inputs
     device = cond.labels.device
     guided = settings.cfg_scale != 1.0

@@ -4,7 +4,9 @@
 the fraction of steps done before this one (0 at the first step):
 
     constant  scale at every step (LlamaGen)
-    linear    1 + (scale - 1) * s: MAR's form over tokens, xAR's over cells
+    linear    1 + (scale - 1) * s: MAR's form over tokens
+    linear_full  1 + (scale - 1) * step / (num_steps - 1): full scale at the last step (xAR's
+              form over cells: 1, 1.67, 2.33, 3 for 4 cells at scale 3); one step: the scale
     power     1 + (scale - 1) * s ** cfg_power (MUSE/MAR-style ramps; power 1 is linear)
     cosine    1 + (scale - 1) * (1 - cos(pi * s)) / 2
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-CFG_SCHEDULES = ("constant", "linear", "power", "cosine")
+CFG_SCHEDULES = ("constant", "linear", "linear_full", "power", "cosine")
 
 
 def schedule_value(schedule: str, frac: float, power: float = 1.0) -> float:
@@ -40,6 +42,8 @@ def cfg_scale_at(scale: float, schedule: str, step: int, total: int, power: floa
     lo, hi = interval
     if not lo <= frac < hi:
         return 1.0
+    if schedule == "linear_full":
+        return 1.0 + (scale - 1.0) * (step / (total - 1) if total > 1 else 1.0)
     return 1.0 + (scale - 1.0) * schedule_value(schedule, frac, power)
 
 

@@ -22,6 +22,7 @@ _GOLDEN = 0x9E3779B9
 # streams keep independent uses of one seed apart
 STREAM_TOKENS = 1
 STREAM_LABELS = 2
+STREAM_FLOW = 3
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -76,3 +77,15 @@ def _unit(bits: torch.Tensor) -> torch.Tensor:
 def randint(seed: int, image_ids: torch.Tensor, high: int, stream: int = STREAM_LABELS) -> torch.Tensor:
     """An integer in [0, high) per image, e.g. a random class label (bias < high / 2^32)."""
     return hash32(image_keys(seed, image_ids, stream)) % high
+
+
+def normal_elements(keys: torch.Tensor, elements: torch.Tensor, size: int,
+                    draw: torch.Tensor | int) -> torch.Tensor:
+    """Standard normal float32 noise (B, G, size) for the sequence elements (G,), keyed by
+    each element's sequence index and a draw number (a flow step's start noise is draw 0,
+    its SDE step k's noise draw k + 1): Box-Muller over two uniforms per entry."""
+    element_keys = _mix(_mix(keys, draw)[:, None], elements[None, :])  # (B, G)
+    entries = torch.arange(2 * size, dtype=torch.int64, device=keys.device)
+    u = _unit(hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1)))  # (B, G, 2 size)
+    radius = torch.sqrt(-2.0 * torch.log(u[..., :size]))
+    return radius * torch.cos((2.0 * torch.pi) * u[..., size:])

@@ -25,6 +25,8 @@ class TokenHeadConfig:
 
 
 class TokenHead(nn.Module):
+    continuous = False  # predicts codebook indices
+
     def __init__(self, dim: int, vocab_size: int, cfg: TokenHeadConfig | None = None):
         super().__init__()
         self.cfg = cfg or TokenHeadConfig()
@@ -37,6 +39,10 @@ class TokenHead(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h).float()
+
+    def training_pair(self, seq: torch.Tensor, step_of: torch.Tensor, draws=None):
+        """(inputs, target, t): a discrete model is teacher-forced on the clean codes."""
+        return seq, seq, None
 
     def loss(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """h (B, N, D) hidden states predicting target (B, N); metrics are free-form."""
