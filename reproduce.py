@@ -1,9 +1,12 @@
-"""Reproduce a published gFID in one command: convert a LlamaGen checkpoint, sample 50,000 images
-on every GPU of the machine, resize as the paper did, score against the ADM reference batch, and
-append a row with its provenance to a results table.
+"""Reproduce a published gFID in one command: convert a released checkpoint (LlamaGen, xAR),
+sample 50,000 images on every GPU of the machine, resize as the paper did, score against the
+ADM reference batch, and append a row with its provenance to a results table.
 
     python reproduce.py --config configs/reproduce/llamagen-XL.yaml \
-        gpt_ckpt=pretrained_models/c2i_XL_384.pt vq_ckpt=pretrained_models/vq_ds16_c2i.pt \
+        ckpt=pretrained_models/c2i_XL_384.pt tokenizer_ckpt=pretrained_models/vq_ds16_c2i.pt \
+        ref=VIRTUAL_imagenet256_labeled.npz
+    python reproduce.py --config configs/reproduce/xar-B.yaml \
+        ckpt=pretrained_models/xAR-B.pth tokenizer_ckpt=pretrained_models/kl16.ckpt \
         ref=VIRTUAL_imagenet256_labeled.npz
     # -> runs/reproduce/LlamaGen-XL/{weights/, samples/, samples_256.npz, metrics.json}
     #    and one more row in results/reproduce.md
@@ -12,8 +15,9 @@ append a row with its provenance to a results table.
         out=runs/reproduce/LlamaGen-B-balanced
 
 Stages; re-running the same command resumes where it stopped:
-  1. convert  convert.llamagen vq + gpt -> OUT/weights/{vq,gpt}.safetensors (kept while the
-              source checkpoints are unchanged)
+  1. convert  family=llamagen: convert.llamagen vq + gpt -> OUT/weights/{tokenizer,generator}
+              .safetensors; family=xar: convert.mar_vae + convert.xar (a generator of another
+              size than the config's `size` is refused). Kept while the sources are unchanged.
   2. sample   sample.py mode=images -> OUT/samples/shard_*/ PNGs. One process per visible GPU
               (torchrun) when there are several, or nproc=N; finished shards are never redone
               and image i depends only on (seed, i), not on the number of processes.
@@ -46,7 +50,9 @@ from common.config import ConfigError, check_fields, load_config, run_cli
 from common.dist import get_logger, pick_device
 from common.io import atomic_write_text, sha256_file
 from common.precision import PRECISIONS
+from convert import mar_vae
 from convert.llamagen import LAYOUTS, GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
+from convert.xar import XARConvertConfig, convert_xar
 from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
 from evaluation.inputs import open_images
@@ -59,7 +65,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 # the settings' allowed values; num_images >= 2: FID estimates a covariance
-RANGES = {"labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
+RANGES = {"family": ("llamagen", "xar"), "size": ("", "xAR-B", "xAR-L", "xAR-H"),
+          "labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
           "precision": PRECISIONS, "device": ("auto", "cpu", "cuda"),
           "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
           "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0"}
@@ -68,15 +75,17 @@ RANGES = {"labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
 @dataclass
 class ReproduceConfig:
     name: str = "???"  # the run's label in the table, e.g. LlamaGen-XL
-    gpt_ckpt: str = "???"  # LlamaGen GPT checkpoint (c2i_*.pt; a folder with consolidated.pth works too)
-    vq_ckpt: str = "???"  # LlamaGen VQ checkpoint (vq_ds16_c2i.pt)
+    family: str = "llamagen"  # whose release: llamagen (GPT + VQ) | xar (xAR + MAR's KL-16 VAE)
+    ckpt: str = "???"  # generator checkpoint: LlamaGen c2i_*.pt (or a folder with consolidated.pth) | xAR-{B,L,H}.pth
+    tokenizer_ckpt: str = "???"  # its tokenizer: LlamaGen vq_ds16_c2i.pt | MAR's kl16.ckpt
+    size: str = ""  # xar: the generator size the config is for (xAR-B | xAR-L | xAR-H); another is refused
     ref: str = "???"  # reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)
     out: str = ""  # working folder; empty: runs/reproduce/NAME
     table: str = "results/reproduce.md"  # markdown table a row is appended to
     image_size: int = 256  # generation resolution: the checkpoint's (256 or 384)
     eval_size: int = 256  # side the images are scored at; bicubic resize when it differs
-    layout: str = "auto"  # GPT checkpoint layout: auto | ddp | fsdp | deepspeed
-    use_ema: bool = False  # convert the checkpoint's "ema" weights (LlamaGen evaluates "model")
+    layout: str = "auto"  # llamagen: GPT checkpoint layout: auto | ddp | fsdp | deepspeed
+    use_ema: bool = False  # convert the checkpoint's EMA weights ("ema" | "model_ema"; the released files are what their evals use)
     num_images: int = 50000  # images to generate and score
     labels: str = "random"  # random (LlamaGen: uniform random classes) | balanced (N/classes each)
     seed: int = 0  # image i's noise and random label depend only on (seed, i)
@@ -214,8 +223,10 @@ def table_row(cfg: ReproduceConfig, result: dict, prov: dict) -> str:
         return "n/a" if value is None else format(value, spec)
 
     s = cfg.sampling
-    settings = (f"top-k {s.top_k}, top-p {s.top_p}, T {s.temperature}, {s.cfg_schedule} CFG, "
-                f"seed {cfg.seed}, {prov['precision']}" + (", EMA" if cfg.use_ema else ""))
+    draws = (f"{s.flow_sampler.upper()} {s.flow_steps} steps" if cfg.family == "xar" else
+             f"top-k {s.top_k}, top-p {s.top_p}, T {s.temperature}")
+    settings = (f"{draws}, {s.cfg_schedule} CFG, seed {cfg.seed}, {prov['precision']}"
+                + (", EMA" if cfg.use_ema else ""))
     res = f"{cfg.image_size}" + (f"→{cfg.eval_size} bicubic" if cfg.image_size != cfg.eval_size else "")
     cells = [prov["date"][:16].replace("T", " "), cfg.name,
              f"{prov['checkpoint']['file']} ({prov['checkpoint']['sha256'][:12]})", res,
@@ -236,6 +247,22 @@ def append_row(table: Path, row: str) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def convert_release(cfg: ReproduceConfig, folder: Path) -> tuple[Path, Path]:
+    """(generator, tokenizer) argen weights converted from the release's files (kept when
+    up to date)."""
+    gen_out, tok_out = str(folder / "generator.safetensors"), str(folder / "tokenizer.safetensors")
+    if cfg.family == "xar":
+        tok = mar_vae.convert(mar_vae.MarVAEConvertConfig(ckpt=cfg.tokenizer_ckpt, out=tok_out), reuse=True)
+        gen = convert_xar(XARConvertConfig(ckpt=cfg.ckpt, out=gen_out, tokenizer=str(tok), size=cfg.size,
+                                           use_ema=cfg.use_ema), reuse=True)
+        return gen, tok
+    tok = convert_vq(VQConvertConfig(ckpt=cfg.tokenizer_ckpt, out=tok_out), reuse=True)
+    gen = convert_gpt(GPTConvertConfig(ckpt=cfg.ckpt, out=gen_out, image_size=cfg.image_size,
+                                       tokenizer=str(tok), layout=cfg.layout, use_ema=cfg.use_ema),
+                      reuse=True)
+    return gen, tok
+
+
 def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> dict:
     """Run every stage; `extractor` lets a caller (tests) reuse a loaded Inception network."""
     log = get_logger("reproduce")
@@ -244,11 +271,7 @@ def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> d
     load_reference(cfg.ref)
     if extractor is None:
         resolve_weights(cfg.inception_weights or None)
-    vq = convert_vq(VQConvertConfig(ckpt=cfg.vq_ckpt, out=str(out / "weights" / "vq.safetensors")),
-                    reuse=True)
-    gen = convert_gpt(GPTConvertConfig(ckpt=cfg.gpt_ckpt, out=str(out / "weights" / "gpt.safetensors"),
-                                       image_size=cfg.image_size, tokenizer=str(vq), layout=cfg.layout,
-                                       use_ema=cfg.use_ema), reuse=True)
+    gen, vq = convert_release(cfg, out / "weights")
     nproc = process_count(cfg)
     run_sampling(cfg, gen, out / "samples", nproc, log)
     npz = out / f"samples_{cfg.eval_size}.npz"
@@ -274,7 +297,7 @@ def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> d
     result = score(source, ref, metrics=cfg.metrics, extractor=extractor, num_expected=50000)
     prov = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "checkpoint": _stored_source(gen), "tokenizer_checkpoint": _stored_source(vq),
-            "weights_sha256": {"gpt": sha256_file(gen), "vq": sha256_file(vq)},
+            "weights_sha256": {"generator": sha256_file(gen), "tokenizer": sha256_file(vq)},
             "devices": _devices(cfg, nproc), "processes": nproc, "argen": _argen_version(),
             "precision": _precision(cfg),
             "resize": (f"bicubic {cfg.image_size} -> {cfg.eval_size}"

@@ -1,4 +1,5 @@
-"""Train an autoregressive generator on cached tokenizer codes.
+"""Train an autoregressive generator on cached tokenizer codes (token head) or latents (flow
+head, xAR's noisy-context flow matching).
 
     # one process (CPU or one GPU)
     python train_gen.py --config configs/quickstart.yaml [key=value ...]
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
                            load_resume, save_resume)
 from ar.conditioning import ClassCondition
-from ar.data import BatchStream, CodeCache
+from ar.data import BatchStream, CodeCache, LatentCache, open_cache
 from ar.ema import EMA
 from ar.engine import batch_layout, build_engine, train_step
 from ar.model import ARModel, GeneratorSpec, ModelConfig
@@ -45,7 +46,7 @@ from sampling.generate import SamplingConfig
 
 @dataclass
 class DataConfig:
-    codes: str = "???"  # code cache folder written by `python -m tokenizer.encode`
+    codes: str = "???"  # cache folder written by `python -m tokenizer.encode`: codes (VQ) or latents (KL)
 
 
 @dataclass
@@ -58,7 +59,9 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     warmup_steps: int = 0  # linear learning-rate warm-up
-    schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_frac: float = 0.0  # warm-up as a fraction of max_steps instead (used when warmup_steps is 0; xAR: 0.125)
+    schedule: str = "constant"  # constant | cosine (after warm-up, or from decay_start)
+    decay_start: float = 0.0  # cosine: constant until this fraction of max_steps, then decay (xAR: 0.75)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
@@ -80,6 +83,7 @@ class TrainConfig:
         check_fields(self, "train.", {
             "global_batch": ">= 1", "micro_batch": ">= 1", "max_steps": ">= 1", "lr": "> 0",
             "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
+            "warmup_frac": "[0, 1)", "decay_start": "[0, 1)",
             "schedule": ("constant", "cosine"), "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0",
             "cond_dropout": "[0, 1)", "ema_decay": "[0, 1]", "precision": ("auto", "bf16", "fp32"),
             "engine": ("ddp", "deepspeed"), "zero_stage": (1, 2), "device": ("auto", "cpu", "cuda"),
@@ -113,10 +117,30 @@ class RunConfig:
             raise ConfigError("out_dir is empty; name the run folder")
 
 
-def make_spec(cfg: RunConfig, cache: CodeCache) -> GeneratorSpec:
-    """The architecture: the model config plus what the code cache dictates."""
+def warmup_of(t: TrainConfig) -> int:
+    """Warm-up steps: warmup_steps, or warmup_frac of max_steps."""
+    return t.warmup_steps or round(t.warmup_frac * t.max_steps)
+
+
+def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
+    """The cache, refused when its kind does not fit the model's head."""
+    cache = open_cache(cfg.data.codes)
+    continuous = cfg.model.head == "flow"
+    if isinstance(cache, LatentCache) != continuous:
+        what = "continuous latents (a KL tokenizer's)" if not continuous else "discrete codes (a VQ tokenizer's)"
+        fix = ("set model.head=flow to train a flow model on it, or encode with a VQ tokenizer"
+               if not continuous else "encode with a KL tokenizer (model.head=flow needs latents), "
+                                      "or set model.head=token")
+        raise ConfigError(f"data.codes={cfg.data.codes} holds {what}, but model.head="
+                          f"{cfg.model.head}: {fix}")
+    return cache
+
+
+def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache) -> GeneratorSpec:
+    """The architecture: the model config plus what the cache dictates."""
     tok = cache.meta["tokenizer"]
-    return GeneratorSpec(model=cfg.model, vocab_size=cache.codebook_size, grid_h=cache.grid_h,
+    return GeneratorSpec(model=cfg.model, vocab_size=getattr(cache, "codebook_size", 0),
+                         latent_channels=getattr(cache, "channels", 0), grid_h=cache.grid_h,
                          grid_w=cache.grid_w, num_classes=cache.num_classes,
                          class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
                          tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"])
@@ -145,16 +169,18 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
 
 # settings that define a run: resuming with any of them changed is refused (the others, such as
 # max_steps, micro_batch, precision or the logging intervals, may change between resumes)
-RESUME_KEYS = ("global_batch", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "schedule",
-               "min_lr_ratio", "grad_clip", "cond_dropout", "ema_decay", "ema_warmup", "engine",
+RESUME_KEYS = ("global_batch", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_frac",
+               "schedule", "decay_start", "min_lr_ratio", "grad_clip", "cond_dropout", "ema_decay", "ema_warmup", "engine",
                "zero_stage", "seed")
 
 
-def run_identity(cfg: RunConfig, cache: CodeCache) -> dict:
+def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache) -> dict:
     """What this run trains on and the settings that define it, stored with every checkpoint."""
     meta = cache.meta
+    size = {"codebook_size": meta["codebook_size"]} if "codebook_size" in meta else \
+        {"channels": meta["channels"], "latent_scale": meta["latent_scale"]}
     data = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "grid": list(meta["grid"]),
-            "codebook_size": meta["codebook_size"], "count": meta["count"],
+            **size, "count": meta["count"],
             "num_classes": meta["num_classes"], "resolution": meta["resolution"],
             "variants": list(meta["variants"])}
     return {"data": data, "model": asdict(cfg.model),
@@ -195,7 +221,7 @@ def main(cfg: RunConfig) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     run = Path(cfg.out_dir)
-    cache = CodeCache(cfg.data.codes)
+    cache = open_training_cache(cfg)
     spec = make_spec(cfg, cache)
     identity = run_identity(cfg, cache)
     micro, accum = batch_layout(cfg.train, info.world_size)
@@ -241,8 +267,8 @@ def main(cfg: RunConfig) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not info.is_main)
     try:
         while step < cfg.train.max_steps:
-            lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
-                       cfg.train.schedule, cfg.train.min_lr_ratio)
+            lr = lr_at(step, cfg.train.lr, warmup_of(cfg.train), cfg.train.max_steps,
+                       cfg.train.schedule, cfg.train.min_lr_ratio, cfg.train.decay_start)
             for group in eng.optimizer.param_groups:
                 group["lr"] = lr
             stats, norm = train_step(cfg.train, eng, model, stream, samples, info, micro, accum)

@@ -1,15 +1,19 @@
-"""Training data over a code cache (written by `python -m tokenizer.encode`).
+"""Training data over a cache written by `python -m tokenizer.encode`: discrete codes
+(`CodeCache`) or continuous latents (`LatentCache`); `open_cache` picks by meta.json's kind.
 
 The cache is a few large memory-mapped arrays (nanoGPT's train.bin idea), not one file per
 image. Each image has two variants (the original and its horizontal flip); one is picked per
-visit, as MAR does with its flipped latents.
+visit, as MAR does with its flipped latents. A latent cache holds each variant's posterior
+(mean and log-variance), and every visit draws a fresh latent from it (MAR's trick: the
+generator never sees the same latent twice), scaled by the tokenizer's latent_scale.
 
 The batch stream is a pure function of (seed, samples consumed): epoch e visits the images in
 the order of a permutation drawn from (seed, e), with the variant and the condition-dropout
-decision drawn alongside. So
+decision drawn alongside, and a latent's noise is keyed by (seed, its position in the stream).
+So
   - resuming needs only the number of samples consumed;
   - the global batch is identical for any number of processes, each taking its slice;
-  - condition dropout does not depend on the world size either.
+  - condition dropout and latent noise do not depend on the world size either.
 """
 
 from __future__ import annotations
@@ -21,53 +25,122 @@ import numpy as np
 import torch
 
 from ar.conditioning import ClassCondition
+from tokenizer.kl_loss import sample, split_moments
+
+_NOISE_TAG = 0x4C41544E  # keeps latent-noise seeds apart from the epoch orders' ([seed, epoch])
+# what a cache of the other kind is, and what to do about it
+_WRONG_KIND = {
+    "continuous": "this cache holds continuous latents; a token head needs discrete codes: encode "
+                  "with a VQ tokenizer (or train a flow model on it)",
+    "discrete": "this cache holds discrete codes; a flow model needs continuous latents: encode "
+                "with a KL tokenizer",
+}
 
 
-class CodeCache:
-    """Memory-mapped codes (N, A, h*w) and labels (N,) across the cache's shards."""
+class _ShardedCache:
+    """Memory-mapped per-image arrays (N, A, ...) and labels (N,) across a cache's shards."""
+
+    kind = ""  # the meta.json kind this reader accepts
+    data_key = ""  # the shards' data-file key in meta.json
 
     def __init__(self, path: str | Path):
         from tokenizer.cache import read_meta  # validates meta.json with clear errors
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        if self.meta["kind"] != "discrete":
-            raise ValueError(f"{self.path}: holds {self.meta['kind']} latents; the token head "
-                             f"needs discrete codes")
+        if self.meta["kind"] != self.kind:
+            raise ValueError(f"{self.path}: {_WRONG_KIND[self.meta['kind']]}")
         self.grid_h, self.grid_w = self.meta["grid"]
-        self.codebook_size = int(self.meta["codebook_size"])
         self.num_classes = int(self.meta["num_classes"])
         self.class_names = list(self.meta["class_names"])
         self.num_variants = len(self.meta["variants"])
-        codes, labels = [], []
+        data, labels = [], []
         for shard in self.meta["shards"]:
-            codes.append(np.load(self.path / shard["codes"], mmap_mode="r"))
+            data.append(np.load(self.path / shard[self.data_key], mmap_mode="r"))
             labels.append(np.load(self.path / shard["labels"]))
-        self.shard_codes = codes
-        self.starts = np.cumsum([0] + [len(c) for c in codes])
+        self.shards = data
+        self.starts = np.cumsum([0] + [len(c) for c in data])
         self.labels = np.concatenate(labels).astype(np.int64)
         self.count = int(self.starts[-1])
         if self.count != self.meta["count"] or self.count == 0:
             raise ValueError(f"{self.path}: meta.json says {self.meta['count']} images but the "
                              f"shards hold {self.count}; re-run the encode command")
 
-    def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
-        """Codes (n, h, w) int64 for the given image indices and variants."""
-        out = np.empty((len(indices), self.grid_h * self.grid_w), dtype=np.int64)
+    def _gather(self, indices: np.ndarray, variants: np.ndarray, dtype) -> np.ndarray:
+        """Rows (n, ...) of the given image indices and variants, as `dtype`."""
+        out = np.empty((len(indices), *self.shards[0].shape[2:]), dtype=dtype)
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         for s in np.unique(shard_of):
             rows = np.nonzero(shard_of == s)[0]
             local = indices[rows] - self.starts[s]
             order = np.argsort(local)  # sorted reads are kinder to a memory map
-            out[rows[order]] = self.shard_codes[s][local[order], variants[rows[order]]]
+            out[rows[order]] = self.shards[s][local[order], variants[rows[order]]]
+        return out
+
+
+class CodeCache(_ShardedCache):
+    """Memory-mapped codes (N, A, h*w) and labels (N,) of a discrete cache."""
+
+    kind, data_key = "discrete", "codes"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.codebook_size = int(self.meta["codebook_size"])
+
+    def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
+        """Codes (n, h, w) int64 for the given image indices and variants."""
+        out = self._gather(indices, variants, np.int64)
         return torch.from_numpy(out).view(-1, self.grid_h, self.grid_w)
+
+
+class LatentCache(_ShardedCache):
+    """Memory-mapped posterior moments (N, A, 2C, h, w) float16 and labels (N,) of a
+    continuous cache; latents the generator sees are (sample - latent_shift) * latent_scale."""
+
+    kind, data_key = "continuous", "moments"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.channels = int(self.meta["channels"])
+        self.latent_scale = float(self.meta["latent_scale"])
+        self.latent_shift = float(self.meta.get("latent_shift", 0.0))
+        stored = self.shards[0].shape[2:]
+        if stored != (2 * self.channels, self.grid_h, self.grid_w):
+            raise ValueError(f"{self.path}: shards hold moments of shape {stored}, but meta.json "
+                             f"says {self.channels} channels on a {self.grid_h}x{self.grid_w} "
+                             f"grid; re-run the encode command")
+
+    def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
+        """Posterior moments (n, 2C, h, w) float32 (mean, then unclamped logvar)."""
+        return torch.from_numpy(self._gather(indices, variants, np.float32))
+
+    def latents(self, moments: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+        """Scaled posterior samples (n, C, h, w) of stream samples [offset, offset + n).
+
+        Each item's noise comes from its own generator keyed by (seed, stream position): a few
+        microseconds per item, and the same latent wherever and in whatever batch it is drawn.
+        """
+        mean, logvar = split_moments(moments)  # logvar clamped to [-30, 20], as LDM/MAR
+        noise = np.stack([np.random.default_rng([_NOISE_TAG, seed, offset + i])
+                          .standard_normal(mean.shape[1:], dtype=np.float32)
+                          for i in range(len(mean))])
+        z = sample(mean, logvar, torch.from_numpy(noise))
+        return (z - self.latent_shift) * self.latent_scale
+
+
+def open_cache(path: str | Path) -> CodeCache | LatentCache:
+    """The reader for the cache's kind (meta.json "kind")."""
+    from tokenizer.cache import read_meta
+
+    kind = read_meta(path)["kind"]
+    return CodeCache(path) if kind == "discrete" else LatentCache(path)
 
 
 class BatchStream:
     """Deterministic global batches: `batch(offset, size)` = the `size` samples that follow
     the first `offset` samples of the run."""
 
-    def __init__(self, cache: CodeCache, seed: int, cond_dropout: float):
+    def __init__(self, cache: CodeCache | LatentCache, seed: int, cond_dropout: float):
         self.cache, self.seed, self.cond_dropout = cache, seed, cond_dropout
 
     @lru_cache(maxsize=2)
@@ -93,9 +166,12 @@ class BatchStream:
         return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
     def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition]:
-        """Codes (size, h, w) and their conditions, dropped ones set to the null class."""
+        """Codes (size, h, w) int64, or scaled latents (size, C, h, w) float32 sampled from
+        the cached posteriors, and their conditions, dropped ones set to the null class."""
         indices, variants, drop = self.plan(offset, size)
         codes = self.cache.get(indices, variants)
+        if isinstance(self.cache, LatentCache):
+            codes = self.cache.latents(codes, self.seed, offset)
         labels = self.cache.labels[indices].copy()
         labels[drop] = self.cache.num_classes  # the null class
         return codes, ClassCondition(torch.from_numpy(labels))

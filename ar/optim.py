@@ -27,14 +27,18 @@ def make_adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_d
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str,
-          min_ratio: float = 0.0) -> float:
-    """Linear warm-up over `warmup` steps, then constant or cosine decay to min_ratio * lr."""
+          min_ratio: float = 0.0, decay_start: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to min_ratio * lr;
+    the cosine starts after the warm-up or at fraction `decay_start` of `total`, whichever is
+    later. Fractions scale with the run, so a shorter run still decays (xAR's schedule was
+    written in epochs of an 800-epoch run, xAR#15)."""
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        start = max(warmup, round(decay_start * total))
+        progress = min(1.0, max(0, step - start) / max(1, total - start))
         return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     raise ValueError(f"unknown schedule {schedule!r}; choose constant or cosine")
 

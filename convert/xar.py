@@ -41,7 +41,7 @@ from common.config import ConfigError, check_fields, run_cli, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
 from convert.common import check_keys, load_foreign, rename, split_keys, up_to_date
-from tokenizer import read_tokenizer_config
+from tokenizer import build_tokenizer, read_tokenizer_config, tokenizer_sha256
 
 ##################################################################################
 #                                  Key tables                                    #
@@ -214,12 +214,20 @@ def _describe(spec: GeneratorSpec) -> str:
             f"{a['n_layer'] - m.backbone.split} blocks, {a['n_head']} heads)")
 
 
+def _tokenizer(path: str):
+    """The tokenizer's module built on the meta device (its facts, without its weights)."""
+    with torch.device("meta"):
+        return build_tokenizer(read_tokenizer_config(path))
+
+
 def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
     """Write argen generator weights for an xAR checkpoint; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
     obj, path = load_foreign(cfg.ckpt)
     state, entry = select_xar_state(obj, path, cfg.use_ema)
-    spec = infer_xar_spec({k: tuple(v.shape) for k, v in state.items()}, state.get("mask"))
+    tok = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    spec = infer_xar_spec({k: tuple(v.shape) for k, v in state.items()}, state.get("mask"),
+                          tok.downsample if tok is not None else 16)
     if cfg.size and spec.model.size != cfg.size:
         raise ValueError(f"{path} is {_describe(spec)}, not {cfg.size} "
                          f"({AR_SIZES[cfg.size]}); pass the checkpoint of that size or size={spec.model.size}")
@@ -228,14 +236,13 @@ def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
         if len(names) != spec.num_classes:
             raise ConfigError(f"{cfg.class_names}: {len(names)} names for {spec.num_classes} classes")
         spec.class_names = names
-    if cfg.tokenizer:
-        tok = read_tokenizer_config(cfg.tokenizer)
-        if getattr(tok, "name", "") != "kl" or tok.latent_channels != spec.latent_channels:
+    if tok is not None:
+        if tok.kind != "continuous" or tok.latent_channels != spec.latent_channels:
             raise ValueError(f"tokenizer {cfg.tokenizer} is not a KL autoencoder with "
                              f"{spec.latent_channels} latent channels; convert MAR's kl16.ckpt "
                              f"with python -m convert.mar_vae")
         spec.tokenizer_path = str(Path(cfg.tokenizer).resolve())
-        spec.tokenizer_sha256 = sha256_file(cfg.tokenizer)
+        spec.tokenizer_sha256 = tokenizer_sha256(cfg.tokenizer)
     else:
         log.warning("no tokenizer= given: sample.py will need tokenizer=PATH for these weights")
     enc = spec.model.backbone.split

@@ -67,14 +67,14 @@ def load_models(cfg: SampleRunConfig, device: torch.device, log):
     if precision.use_bf16(cfg.precision, device):
         model = model.to(torch.bfloat16)
     spec = model.spec
-    from tokenizer import load_tokenizer
+    from tokenizer import load_tokenizer, tokenizer_sha256
 
     path = cfg.tokenizer or spec.tokenizer_path
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer weights {path} not found; pass tokenizer=PATH")
     tokenizer = load_tokenizer(path, device=device)
     check_tokenizer_fits(spec, tokenizer, path, cfg.weights)
-    if sha256_file(path) != spec.tokenizer_sha256:
+    if tokenizer_sha256(path) != spec.tokenizer_sha256:
         msg = f"tokenizer {path} is not the one the generator was trained on (sha256 differs)"
         if cfg.tokenizer is None:
             raise ValueError(msg + "; pass tokenizer=PATH to use it anyway")
@@ -87,7 +87,14 @@ def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
     the user asked for (another tokenizer of the same shape is only a warning)."""
     grid = tuple(tokenizer.grid(spec.resolution))
     problems = []
-    if tokenizer.codebook_size != spec.vocab_size:
+    flow = spec.model.head == "flow"
+    if (tokenizer.kind == "continuous") != flow:
+        problems.append(f"a {tokenizer.kind} tokenizer for a generator of "
+                        f"{'latents' if flow else 'discrete codes'}")
+    elif flow and tokenizer.latent_channels != spec.latent_channels:
+        problems.append(f"{tokenizer.latent_channels} latent channels vs the generator's "
+                        f"{spec.latent_channels}")
+    elif not flow and tokenizer.codebook_size != spec.vocab_size:
         problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
     if grid != (spec.grid_h, spec.grid_w):
         problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "

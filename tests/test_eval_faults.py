@@ -238,7 +238,7 @@ def test_eval_config_ranges_name_the_key(override, message):
     assert message in str(err.value)
 
 
-REPRODUCE_REQUIRED = ["name=x", "gpt_ckpt=G.pt", "vq_ckpt=VQ.pt", "ref=REF.npz"]
+REPRODUCE_REQUIRED = ["name=x", "ckpt=G.pt", "tokenizer_ckpt=VQ.pt", "ref=REF.npz"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -18,7 +18,7 @@ from evaluation import InceptionExtractor, WeightsNotFoundError, make_reference,
 from sampling.outputs import pack_npz, write_shard
 
 CONFIGS = ROOT / "configs" / "reproduce"
-REQUIRED = ["gpt_ckpt=G.pt", "vq_ckpt=VQ.pt", "ref=REF.npz"]
+REQUIRED = ["ckpt=G.pt", "tokenizer_ckpt=VQ.pt", "ref=REF.npz"]
 # LlamaGen README / GETTING_STARTED.md: (resolution, CFG scale, FID)
 LLAMAGEN = {"B": (256, 2.0, 5.46), "B-384": (384, 2.0, 6.09), "L-256": (256, 2.0, 3.80),
             "L": (384, 2.0, 3.07), "XL": (384, 1.75, 2.62), "XXL": (384, 1.75, 2.34),
@@ -32,6 +32,19 @@ def test_recipes_follow_llamagen_protocol(size):
     assert (cfg.image_size, s.cfg_scale, cfg.published_fid) == LLAMAGEN[size]
     assert cfg.eval_size == 256 and cfg.num_images == 50000 and cfg.labels == "random"
     assert (s.cfg_schedule, s.temperature, s.top_k, s.top_p) == ("constant", 1.0, 0, 1.0)
+
+
+# xAR README eval commands: (CFG, SDE steps, FID); 50 images per class, linear CFG over the cells
+XAR = {"B": (2.7, 40, 1.72), "L": (2.3, 50, 1.28), "H": (2.2, 50, 1.24)}
+
+
+@pytest.mark.parametrize("size", sorted(XAR))
+def test_recipes_follow_xar_protocol(size):
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / f"xar-{size}.yaml"], REQUIRED)
+    s = cfg.sampling
+    assert (s.cfg_scale, s.flow_steps, cfg.published_fid) == XAR[size]
+    assert (cfg.family, cfg.size, cfg.labels, cfg.num_images) == ("xar", f"xAR-{size}", "balanced", 50000)
+    assert (s.cfg_schedule, s.flow_sampler, cfg.image_size, cfg.eval_size) == ("linear_full", "sde", 256, 256)
 
 
 def test_multi_gpu_sampling_goes_through_torchrun():
@@ -59,7 +72,7 @@ def test_pack_streams_shards_and_resizes_bicubic(tmp_path):
 
 def test_missing_reference_fails_before_any_work(tmp_path):
     cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"],
-                      [f"gpt_ckpt={FIXTURES / 'llamagen_gpt_c2i_tiny.pt'}", "vq_ckpt=VQ.pt",
+                      [f"ckpt={FIXTURES / 'llamagen_gpt_c2i_tiny.pt'}", "tokenizer_ckpt=VQ.pt",
                        f"ref={tmp_path / 'missing.npz'}", f"out={tmp_path / 'run'}"])
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         reproduce.main(cfg)
@@ -93,7 +106,7 @@ def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
     make_reference(real, ref, extractor=extractor, progress=False)
     out, table = tmp_path / "run", tmp_path / "results.md"
     cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"], [
-        f"gpt_ckpt={tmp_path / 'c2i_tiny_16.pt'}", f"vq_ckpt={FIXTURES / 'llamagen_vq_tiny.pt'}",
+        f"ckpt={tmp_path / 'c2i_tiny_16.pt'}", f"tokenizer_ckpt={FIXTURES / 'llamagen_vq_tiny.pt'}",
         f"ref={ref}", f"out={out}", f"table={table}", "image_size=16", "eval_size=12",
         "num_images=8", "batch_size=4", "shard_size=4", "device=cpu", "nproc=1",
         "metrics=[fid,sfid,pr]"])
@@ -126,3 +139,30 @@ def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "metrics.json", table)}
     assert reproduce.main(cfg, extractor)["metrics"] == again["metrics"]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+
+XAR_FIXTURES = FIXTURES.parent / "xar"
+MAR_VAE = FIXTURES.parent / "mar_vae" / "mar_vae_tiny.pt"
+
+
+@pytest.mark.skipif(not MAR_VAE.is_file(), reason=f"no xAR/MAR fixtures beside {FIXTURES}")
+def test_end_to_end_on_tiny_xar(tmp_path, extractor):
+    """xAR + MAR's VAE from their release layouts: convert, sample with the SDE, score, row.
+    The tiny VAE downsamples by 2, so the 16 x 16 latents are 32 px images."""
+    ref = tmp_path / "ref.npz"
+    real = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    make_reference(real, ref, extractor=extractor, progress=False)
+    out, table = tmp_path / "run", tmp_path / "results.md"
+    args = [f"ckpt={XAR_FIXTURES / 'xar_tiny.pt'}", f"tokenizer_ckpt={MAR_VAE}", f"ref={ref}",
+            f"out={out}", f"table={table}", "image_size=32", "eval_size=32", "num_images=4",
+            "batch_size=2", "shard_size=2", "device=cpu", "nproc=1", "metrics=[fid]",
+            "sampling.flow_steps=2"]
+    with pytest.raises(ValueError, match="not xAR-B"):  # the config is for xAR-B
+        reproduce.main(load_config(reproduce.ReproduceConfig, [CONFIGS / "xar-B.yaml"], args), extractor)
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "xar-B.yaml"], args + ["size=''"])
+    result = reproduce.main(cfg, extractor)
+    assert np.isfinite(result["metrics"]["fid"])
+    assert result["reproduce"]["checkpoint"]["file"] == "xar_tiny.pt"
+    assert np.load(out / "samples_32.npz")["arr_0"].shape == (4, 32, 32, 3)
+    rows = table.read_text().splitlines()
+    assert len(rows) == 3 and "xAR-B" in rows[2] and "SDE 2 steps" in rows[2] and "linear_full" in rows[2]

@@ -2,23 +2,27 @@
 
 A tokenizer weights file is written by `save_tokenizer` and holds the tensors plus the resolved
 config YAML; the config's `name` picks the class in `TOKENIZERS`, so a file rebuilds its own
-module with no other input.
+module with no other input. Where a path is taken, a local diffusers AutoencoderKL folder
+(config.json + weights) is accepted too and becomes a KL tokenizer (tokenizer/kl.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import ConfigError, from_yaml, to_yaml
-from common.io import load_state_strict, read_weights, save_weights
+from common.io import load_state_strict, read_weights, save_weights, sha256_file
 from tokenizer.base import ImageTokenizer
+from tokenizer.kl import (KLConfig, KLModel, diffusers_weights_file, load_diffusers_folder,
+                          read_diffusers_config)
 from tokenizer.vq import VQConfig, VQModel
 
-# name -> (module class, config dataclass)
-TOKENIZERS = {"vq": VQModel}
-CONFIGS = {"vq": VQConfig}
+# name -> module class, and name -> config dataclass
+TOKENIZERS = {"vq": VQModel, "kl": KLModel}
+CONFIGS = {"vq": VQConfig, "kl": KLConfig}
 
 WEIGHTS_KIND = "tokenizer"
 
@@ -38,6 +42,8 @@ def save_tokenizer(model: ImageTokenizer, cfg, path: str | Path) -> Path:
 
 def read_tokenizer_config(path: str | Path):
     """The config object stored in a tokenizer weights file (reads only the header)."""
+    if Path(path).is_dir():
+        return read_diffusers_config(path)
     _, text, _ = read_weights(path, kind=WEIGHTS_KIND)
     return _parse_config(text, path)
 
@@ -55,10 +61,23 @@ def _parse_config(text: str, path) -> object:
 
 
 def load_tokenizer(path: str | Path, device="cpu") -> ImageTokenizer:
-    """Rebuild a frozen tokenizer from its weights file: strict keys, eval mode, no grads."""
+    """Rebuild a frozen tokenizer from its weights file (or a diffusers AutoencoderKL folder):
+    strict keys, eval mode, no grads."""
+    if Path(path).is_dir():
+        return load_diffusers_folder(path, device)
     tensors, text, _ = read_weights(path, kind=WEIGHTS_KIND)
     cfg = _parse_config(text, path)
     model = build_tokenizer(cfg)
     load_state_strict(model, tensors, source=str(path))
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """What identifies a tokenizer's weights: the file's sha256; for a diffusers folder, the
+    sha256 of its config.json and weights file together."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    parts = [sha256_file(path / "config.json"), sha256_file(diffusers_weights_file(path))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -1,10 +1,15 @@
-"""The code cache's format: shard files and their records, meta.json, and its validation.
+"""The cache's format: shard files and their records, meta.json, and its validation.
 
-`tokenizer.encode` writes a cache; `ar.data.CodeCache` reads one through `read_meta`. Layout of
-a cache folder:
-    meta.json            written last, so its presence means the cache is complete
+`tokenizer.encode` writes a cache; `ar.data.CodeCache` (discrete codes) and `ar.data.LatentCache`
+(continuous latents) read one through `read_meta`. Layout of a cache folder:
+    meta.json            written last, so its presence means the cache is complete; "kind" is
+                         "discrete" (codebook_size) or "continuous" (channels, latent_scale,
+                         latent_shift: the generator sees (sample - shift) * scale)
     encode_config.json   the settings the folder was made with; a re-run must match them
-    codes_KKKKK.npy      uint16 (n, 2, h*w): variant 0 the image, 1 its horizontal flip, raster order
+    codes_KKKKK.npy      discrete: uint16 (n, 2, h*w): variant 0 the image, 1 its horizontal
+                         flip, raster order
+    moments_KKKKK.npy    continuous: float16 (n, 2, 2C, h, w): the posterior's mean (C channels)
+                         then log-variance (C, unclamped), for the image and its flip
     labels_KKKKK.npy     int64 (n,)
     shard_KKKKK.json     what shard k was made from: the settings, the sha256 of its file list
                          (label + path relative to data.root, in dataset order), skipped files
@@ -28,13 +33,16 @@ from dataset.folder import ClassFolderDataset
 
 FORMAT, VERSION = "argen-code-cache", 1
 VARIANTS = ["original", "hflip"]
+# kind -> the prefix of its data files, which is also their key in meta.json's shard list
+DATA_FILE = {"discrete": "codes", "continuous": "moments"}
 ENCODE_COMMAND = "python -m tokenizer.encode data.root=... data.resolution=... tokenizer=... out=..."
 
 
 # ------------------------------------------------------------------------------ shard records
 
-def shard_name(k: int) -> tuple[str, str]:
-    return f"codes_{k:05d}.npy", f"labels_{k:05d}.npy"
+def shard_name(k: int, kind: str = "discrete") -> tuple[str, str]:
+    """(data file, labels file) of shard k."""
+    return f"{DATA_FILE[kind]}_{k:05d}.npy", f"labels_{k:05d}.npy"
 
 
 def record_name(k: int) -> str:
@@ -96,9 +104,10 @@ def _rows(path: Path) -> tuple | None:
         return None
 
 
-def shard_done(out: Path, span: Span, settings: dict, tokens: int, root: Path,
-               skip_ok: bool) -> bool:
-    """Shard files present, complete, and made from exactly what this run would make them from."""
+def shard_done(out: Path, span: Span, settings: dict, item_shape: tuple, root: Path,
+               skip_ok: bool, kind: str = "discrete") -> bool:
+    """Shard files present, complete, and made from exactly what this run would make them from.
+    `item_shape`: one variant of one image, (h*w,) codes or (2C, h, w) moments."""
     record = read_record(out, span.k)
     if record is None or record.get("settings") != settings \
             or record.get("files_sha256") != span.files_sha256:
@@ -108,8 +117,8 @@ def shard_done(out: Path, span: Span, settings: dict, tokens: int, root: Path,
     if skipped and not (skip_ok and _skipped_unchanged(root, skipped)):
         return False
     n = record.get("count")
-    codes, labels = shard_name(span.k)
-    return _rows(out / codes) == (n, len(VARIANTS), tokens) and _rows(out / labels) == (n,)
+    data, labels = shard_name(span.k, kind)
+    return _rows(out / data) == (n, len(VARIANTS), *item_shape) and _rows(out / labels) == (n,)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -118,21 +127,23 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_shard(out: Path, span: Span, settings: dict, codes: np.ndarray, labels: np.ndarray,
-                skipped: list[dict]) -> None:
+                skipped: list[dict], kind: str = "discrete") -> None:
+    """Write shard k: `codes` are the codes or moments (n, 2, ...) of its readable images."""
+    data, labels_file = shard_name(span.k, kind)
     # meta.json goes first: from now until the end of the run the cache is not complete
     (out / "meta.json").unlink(missing_ok=True)
-    # the codes file is the shard's commit mark, so it goes before the record changes and comes
+    # the data file is the shard's commit mark, so it goes before the record changes and comes
     # back last: a kill in between leaves a shard that is not done, never a mismatched one
-    (out / shard_name(span.k)[0]).unlink(missing_ok=True)
-    _save_npy(out / shard_name(span.k)[1], labels)
+    (out / data).unlink(missing_ok=True)
+    _save_npy(out / labels_file, labels)
     record = {"settings": settings, "files": span.hi - span.lo, "files_sha256": span.files_sha256,
               "count": len(labels), "skipped": skipped}
     atomic_write_text(out / record_name(span.k), json.dumps(record, indent=1) + "\n")
-    _save_npy(out / shard_name(span.k)[0], codes)
+    _save_npy(out / data, codes)
 
 
-_SHARD_FILE = re.compile(r"^(?:codes|labels)_(\d{5,})\.npy$|^shard_(\d{5,})\.json$")
-_OUR_TEMP = re.compile(r"^\.(?:(?:codes|labels)_\d+\.npy|shard_\d+\.json|meta\.json|"
+_SHARD_FILE = re.compile(r"^(?:codes|moments|labels)_(\d{5,})\.npy$|^shard_(\d{5,})\.json$")
+_OUR_TEMP = re.compile(r"^\.(?:(?:codes|moments|labels)_\d+\.npy|shard_\d+\.json|meta\.json|"
                        r"captions\.jsonl|encode_config\.json)\..+\.tmp$")
 
 
@@ -173,35 +184,42 @@ def check_settings(out: Path, settings: dict, is_main: bool) -> bool:
 # ------------------------------------------------------------------------------ meta.json
 
 def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: list[Span],
-               root: str, resolution: int, tok: dict, grid,
-               codebook_size: int) -> tuple[dict, list | None]:
+               root: str, resolution: int, tok: dict, grid, codebook_size: int | None,
+               latent: dict | None = None) -> tuple[dict, list | None]:
     """meta.json and the captions of the cached images, read from the finished shards on disk
-    (other ranks wrote some of them)."""
+    (other ranks wrote some of them). `latent`: a continuous cache's facts (see make_meta)."""
+    kind = "continuous" if latent else "discrete"
     records = [read_record(out, s.k) for s in spans]
     skipped = [e["file"] for r in records for e in r["skipped"]]
     labels = np.concatenate([np.load(out / shard_name(s.k)[1]) for s in spans])
     if len(labels) == 0:
         raise ValueError(f"none of the {len(names)} images of data.root={root} could be "
                          f"read (all skipped, listed in {out}/shard_*.json); check the dataset")
-    shards = [{"codes": shard_name(s.k)[0], "labels": shard_name(s.k)[1], "count": r["count"]}
-              for s, r in zip(spans, records)]
+    shards = [{DATA_FILE[kind]: shard_name(s.k, kind)[0], "labels": shard_name(s.k)[1],
+               "count": r["count"]} for s, r in zip(spans, records)]
     captions = None
     if dataset.captions is not None:
         gone = set(skipped)
         captions = [c for c, name in zip(dataset.captions, names) if name not in gone]
     meta = make_meta(tok, resolution, grid, codebook_size, labels, list(dataset.classes), shards,
-                     captions is not None, str(Path(root).resolve()), skipped)
+                     captions is not None, str(Path(root).resolve()), skipped, latent)
     return meta, captions
 
 
-def make_meta(tok: dict, resolution: int, grid, codebook_size: int, labels: np.ndarray,
+def make_meta(tok: dict, resolution: int, grid, codebook_size: int | None, labels: np.ndarray,
               class_names: list[str], shards: list[dict], has_captions: bool, source: str,
-              skipped: list[str]) -> dict:
+              skipped: list[str], latent: dict | None = None) -> dict:
     """meta.json's content: the one definition of the cache's metadata (the encoder writes it,
-    `read_meta` checks it, tests build caches with it)."""
-    return {"format": FORMAT, "version": VERSION, "kind": "discrete", "tokenizer": tok,
-            "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size,
-            "variants": VARIANTS, "count": len(labels), "num_classes": len(class_names),
+    `read_meta` checks it, tests build caches with it). A discrete cache records its
+    codebook_size; a continuous one (`latent` given) its latent facts instead: {"channels": C,
+    "latent_scale": s, "latent_shift": b}."""
+    facts = {"codebook_size": codebook_size} if latent is None else \
+        {"channels": latent["channels"], "latent_scale": latent["latent_scale"],
+         "latent_shift": latent.get("latent_shift", 0.0)}
+    return {"format": FORMAT, "version": VERSION,
+            "kind": "discrete" if latent is None else "continuous", "tokenizer": tok,
+            "resolution": resolution, "grid": list(grid), **facts, "variants": VARIANTS,
+            "count": len(labels), "num_classes": len(class_names),
             "class_names": class_names,
             "label_histogram": np.bincount(labels, minlength=len(class_names)).tolist(),
             "shards": shards, "captions": "captions.jsonl" if has_captions else None,
@@ -225,6 +243,30 @@ def write_meta(out: Path, meta: dict, captions: list[str] | None) -> bool:
 
 REQUIRED = ("format", "version", "kind", "tokenizer", "resolution", "grid", "count",
             "num_classes", "class_names", "shards", "variants")
+KIND_FIELDS = {"discrete": ("codebook_size",), "continuous": ("channels", "latent_scale")}
+
+
+def _check_kind(meta: dict, path: Path) -> None:
+    """The kind and the facts a reader of that kind relies on."""
+    kind = meta["kind"]
+    if kind not in DATA_FILE:
+        raise ValueError(f"{path}: kind {kind!r} is neither 'discrete' nor 'continuous'; "
+                         f"re-create the cache")
+    bad = []
+    size = meta.get("codebook_size")
+    if kind == "discrete" and not (isinstance(size, int) and size > 0):
+        bad.append(f"codebook_size={meta['codebook_size']!r}")
+    if kind == "continuous":
+        if not (isinstance(meta["channels"], int) and meta["channels"] > 0):
+            bad.append(f"channels={meta['channels']!r}")
+        for key in ("latent_scale", "latent_shift"):
+            value = meta.get(key, 0.0)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (key == "latent_scale" and value <= 0):
+                bad.append(f"{key}={value!r}")
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)} is not valid for a {kind} cache; re-create "
+                         f"it with the encode command")
 
 
 def read_meta(cache_dir: str | Path) -> dict:
@@ -235,7 +277,8 @@ def read_meta(cache_dir: str | Path) -> dict:
         raise FileNotFoundError(f"code cache folder {d} not found; {how}")
     path = d / "meta.json"
     if not path.is_file():
-        if (d / "encode_config.json").is_file() or any(d.glob("codes_*.npy")):
+        if (d / "encode_config.json").is_file() or any(d.glob("codes_*.npy")) \
+                or any(d.glob("moments_*.npy")):
             raise ValueError(f"code cache {d} is incomplete (no meta.json): the encode run was "
                              f"interrupted. Re-run the same `python -m tokenizer.encode` command "
                              f"to finish it; finished shards are kept.")
@@ -248,10 +291,15 @@ def read_meta(cache_dir: str | Path) -> dict:
         found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, found {found}; "
                          f"re-create the cache with this version's encode command")
-    missing = [k for k in REQUIRED if k not in meta]
+    missing = [k for k in REQUIRED + KIND_FIELDS.get(meta["kind"], ()) if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}; re-create the cache")
-    absent = [f for s in meta["shards"] for f in (s["codes"], s["labels"]) if not (d / f).is_file()]
+    _check_kind(meta, path)
+    data = DATA_FILE[meta["kind"]]
+    if any(not isinstance(s, dict) or data not in s or "labels" not in s for s in meta["shards"]):
+        raise ValueError(f"{path}: a {meta['kind']} cache lists its shards as {{'{data}': ..., "
+                         f"'labels': ...}}, and these do not; re-create the cache")
+    absent = [f for s in meta["shards"] for f in (s[data], s["labels"]) if not (d / f).is_file()]
     if absent:
         raise ValueError(f"code cache {d} is incomplete: {absent[:4]} missing; re-run the encode "
                          f"command that made it")

@@ -1,8 +1,12 @@
-"""Cache a dataset's tokenizer codes (image + horizontal flip) for generator training.
+"""Cache a dataset's tokenizer outputs (image + horizontal flip) for generator training: codes
+for a discrete (VQ) tokenizer, the posterior's moments in float16 for a continuous (KL) one.
 
     python -m tokenizer.encode data.root=DIR data.resolution=32 tokenizer=RUN/vq.safetensors out=DIR
+    python -m tokenizer.encode ... tokenizer=RUN/kl.safetensors out=DIR   (or a diffusers VAE folder)
     torchrun --nproc_per_node=N -m tokenizer.encode ...   (rank r encodes shards k % N == r)
 
+A latent cache stores the posterior (mean and log-variance), not one latent, so the generator's
+data stream can draw a fresh latent at every visit (MAR's trick; ar/data.py).
 OUT's layout is in tokenizer/cache.py (read by the generator's data loader through `read_meta`).
 Shard k is made from dataset items [k*shard_size, (k+1)*shard_size) of the sorted file list. A
 re-run redoes exactly the shards whose record does not match what they would be made from now,
@@ -14,6 +18,7 @@ cannot be decoded are left out of their shard and listed in meta.json "skipped".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +29,9 @@ from tqdm import tqdm
 
 from common.config import ConfigError, check_fields, run_cli
 from common.dist import barrier, cleanup, get_logger, init_distributed
-from common.io import sha256_file
 from dataset.folder import ClassFolderDataset
 from dataset.images import ImageReadError
-from tokenizer import load_tokenizer, read_tokenizer_config
+from tokenizer import load_tokenizer, read_tokenizer_config, tokenizer_sha256
 from tokenizer.cache import (VARIANTS, Span, build_meta, check_settings, file_stamp, plan_shards,
                              relative_names, shard_done, stale_files, write_meta, write_shard)
 
@@ -49,7 +53,7 @@ class EncodeDataConfig:
 @dataclass
 class EncodeConfig:
     data: EncodeDataConfig = field(default_factory=EncodeDataConfig)  # images to encode
-    tokenizer: str = "???"  # tokenizer weights (.safetensors written by tokenizer.train)
+    tokenizer: str = "???"  # tokenizer weights (.safetensors from tokenizer.train) or a diffusers VAE folder
     out: str = "???"  # cache folder to write
     batch_size: int = 128  # images per encoder forward (each is also encoded flipped)
     # A kill loses at most the shard in progress: the quickstart encodes 8,000 32-px images in
@@ -62,7 +66,7 @@ class EncodeConfig:
     def validate(self) -> None:
         check_fields(self, "", {"batch_size": ">= 1", "shard_size": ">= 1", "num_workers": ">= 0",
                                 "device": ("auto", "cpu", "cuda")})
-        if not Path(self.tokenizer).is_file():
+        if not Path(self.tokenizer).exists():
             raise ConfigError(f"tokenizer={self.tokenizer} not found; train one with `python -m "
                               f"tokenizer.train` or pass the .safetensors file it wrote")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -100,15 +104,32 @@ def bad_image_error(message: str) -> ImageReadError:
                           f"finished shards are kept.")
 
 
+def item_layout(model, grid) -> tuple[tuple, type]:
+    """(shape, dtype) of one variant of one image in the cache: (h*w,) uint16 codes, or the
+    posterior's (2C, h, w) moments in float16 (half the bytes; the mean keeps ~3 digits)."""
+    if model.kind == "discrete":
+        return (grid[0] * grid[1],), np.uint16
+    return (2 * model.latent_channels, *grid), np.float16
+
+
+def encode_both(model, x: torch.Tensor, dtype) -> np.ndarray:
+    """(B, 2, ...) cache entries of the images and their mirror images."""
+    both = torch.cat([x, x.flip(-1)])
+    out = model.encode(both).flatten(1) if model.kind == "discrete" else model.moments(both)
+    out = out.view(2, len(x), *out.shape[1:]).transpose(0, 1)  # (B, 2, ...): originals, flips
+    return out.cpu().numpy().astype(dtype)
+
+
 @torch.no_grad()
 def encode_span(model, dataset, span: Span, cfg: EncodeConfig, device, bar,
-                tokens: int) -> tuple[np.ndarray, list[int]]:
-    """Codes of the readable items of the span and of their mirror images, uint16 (n, 2, h*w),
+                layout: tuple[tuple, type]) -> tuple[np.ndarray, list[int]]:
+    """Cache entries of the readable items of the span and of their mirror images (n, 2, ...),
     and the indices of the items left out (only with skip_bad_images)."""
     loader = DataLoader(Subset(_Guarded(dataset), range(span.lo, span.hi)),
                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    parts, skipped = [np.empty((0, len(VARIANTS), tokens), np.uint16)], []
+    shape, dtype = layout
+    parts, skipped = [np.empty((0, len(VARIANTS), *shape), dtype)], []
     for x, index, errors in loader:
         bad = [j for j, e in enumerate(errors) if e]
         if bad and not cfg.skip_bad_images:
@@ -117,21 +138,26 @@ def encode_span(model, dataset, span: Span, cfg: EncodeConfig, device, bar,
         keep = torch.tensor([not e for e in errors])
         x = x[keep].to(device, non_blocking=True)
         if len(x):
-            codes = model.encode(torch.cat([x, x.flip(-1)]))  # (2B, h, w): originals then flips
-            codes = codes.view(2, len(x), -1).transpose(0, 1)  # (B, 2, h*w), raster order
-            parts.append(codes.cpu().numpy().astype(np.uint16))
+            entries = encode_both(model, x, dtype)
+            finite = np.isfinite(entries.reshape(len(x), -1)).all(1)  # float16 tops out at 65504
+            if not finite.all():
+                first = int(index[keep].numpy()[~finite][0])
+                raise ValueError(f"{dataset.samples[first][0]}: the tokenizer's posterior moments "
+                                 f"are not finite in float16 (|value| > 65504, or NaN); check "
+                                 f"the tokenizer weights")
+            parts.append(entries)
         bar.update(len(errors))
     return np.concatenate(parts), skipped
 
 
 def encode_shards(model, dataset: ClassFolderDataset, names: list[str], spans: list[Span],
-                  settings: dict, cfg: EncodeConfig, device, tokens: int, show: bool, log) -> None:
+                  settings: dict, cfg: EncodeConfig, device, layout, show: bool, log) -> None:
     """Encode and write the shard of each span (the spans this process was given)."""
     # `with`: an error closes the bar first, so the error line starts a line of its own
     with tqdm(total=sum(s.hi - s.lo for s in spans), disable=not show, desc="encode",
               unit="img", dynamic_ncols=True) as bar:
         for span in spans:
-            codes, skipped = encode_span(model, dataset, span, cfg, device, bar, tokens)
+            codes, skipped = encode_span(model, dataset, span, cfg, device, bar, layout)
             left_out = set(skipped)
             labels = np.array([dataset.samples[i][1] for i in range(span.lo, span.hi)
                                if i not in left_out], dtype=np.int64)
@@ -139,16 +165,19 @@ def encode_shards(model, dataset: ClassFolderDataset, names: list[str], spans: l
                 log.warning(f"skipped unreadable image {names[i]} (skip_bad_images=true)")
             records = [{"file": names[i], **file_stamp(Path(dataset.samples[i][0]))}
                        for i in skipped]
-            write_shard(Path(cfg.out), span, settings, codes, labels, records)
+            write_shard(Path(cfg.out), span, settings, codes, labels, records, model.kind)
 
 
 # ------------------------------------------------------------------------------ the command
 
-def load_discrete_tokenizer(weights: Path, device):
+def load_cache_tokenizer(weights: Path, device):
     model = load_tokenizer(weights, device=device)
-    if model.kind != "discrete":
-        raise ValueError(f"tokenizer={weights} is a {model.kind} tokenizer; this command caches "
-                         f"discrete codes only")
+    if model.kind == "continuous":
+        if model.cfg.latent_scale <= 0:  # meta.json must tell the data stream the scale
+            raise ValueError(f"tokenizer={weights} has latent_scale {model.cfg.latent_scale}; "
+                             f"export it with `python -m tokenizer.train` (which measures it) or "
+                             f"give it a positive model.latent_scale")
+        return model
     if model.codebook_size > 65535:
         raise ValueError(f"tokenizer={weights}: codebook size {model.codebook_size} does not fit "
                          f"the cache's uint16 codes (at most 65535)")
@@ -176,28 +205,32 @@ def run(cfg: EncodeConfig) -> dict:
     out, weights, root = Path(cfg.out), Path(cfg.tokenizer).resolve(), Path(cfg.data.root)
     dataset = ClassFolderDataset(root, cfg.data.resolution)
     names = relative_names(dataset)
-    model = load_discrete_tokenizer(weights, info.device)
+    model = load_cache_tokenizer(weights, info.device)
     grid = model.grid(cfg.data.resolution)
-    tokens = grid[0] * grid[1]
+    layout = item_layout(model, grid)
     # the settings that change every code; which files a shard holds is checked shard by shard
-    settings = {"tokenizer_sha256": sha256_file(weights), "data_root": str(root.resolve()),
+    settings = {"tokenizer_sha256": tokenizer_sha256(weights), "data_root": str(root.resolve()),
                 "resolution": cfg.data.resolution, "shard_size": cfg.shard_size}
     spans = plan_shards(dataset, names, cfg.shard_size)
     changed = prepare_folder(out, spans, settings, info.is_main)
     barrier()
 
-    todo = [s for s in spans if not shard_done(out, s, settings, tokens, root, cfg.skip_bad_images)]
+    done = functools.partial(shard_done, out, settings=settings, item_shape=layout[0], root=root,
+                             skip_ok=cfg.skip_bad_images, kind=model.kind)
+    todo = [s for s in spans if not done(s)]
     mine = [s for s in todo if s.k % info.world_size == info.rank]
+    what = f"codebook {model.codebook_size}" if model.kind == "discrete" else \
+        f"{model.latent_channels}-channel latents (moments in float16)"
     log.info(f"{dataset}: {len(spans)} shards, {len(spans) - len(todo)} already done; "
-             f"grid {grid[0]}x{grid[1]}, codebook {model.codebook_size}")
-    encode_shards(model, dataset, names, mine, settings, cfg, info.device, tokens,
+             f"grid {grid[0]}x{grid[1]}, {what}")
+    encode_shards(model, dataset, names, mine, settings, cfg, info.device, layout,
                   show=info.is_main and bool(todo), log=log)
     barrier()
     meta = {}
     if info.is_main:
         tok = tokenizer_identity(weights, settings["tokenizer_sha256"])
-        meta = finish(out, dataset, names, spans, settings, cfg, tok, grid, model.codebook_size,
-                      tokens, nothing_done=not todo and not changed, log=log)
+        meta = finish(out, dataset, names, spans, cfg, tok, grid, model, done,
+                      nothing_done=not todo and not changed, log=log)
     barrier()
     cleanup()
     return meta
@@ -209,24 +242,32 @@ def tokenizer_identity(weights: Path, sha: str) -> dict:
             "config": dataclasses.asdict(tcfg)}
 
 
-def finish(out: Path, dataset, names, spans, settings, cfg, tok, grid, codebook_size, tokens,
+def latent_facts(model) -> dict | None:
+    """What a continuous cache's meta.json records about its latents (None: a discrete one)."""
+    if model.kind == "discrete":
+        return None
+    return {"channels": model.latent_channels, "latent_scale": model.cfg.latent_scale,
+            "latent_shift": model.cfg.latent_shift}
+
+
+def finish(out: Path, dataset, names, spans, cfg, tok, grid, model, done,
            nothing_done: bool, log) -> dict:
     """Check every shard, then write meta.json; says so when the cache was already complete."""
-    root = Path(cfg.data.root)
-    missing = [s.k for s in spans
-               if not shard_done(out, s, settings, tokens, root, cfg.skip_bad_images)]
+    missing = [s.k for s in spans if not done(s)]
     if missing:
         raise RuntimeError(f"shards {missing} of {out} are missing after encoding (did a rank "
                            f"fail?); re-run the same command to finish them")
     meta, captions = build_meta(out, dataset, names, spans, cfg.data.root, cfg.data.resolution,
-                                tok, grid, codebook_size)
+                                tok, grid, model.codebook_size, latent_facts(model))
     changed = write_meta(out, meta, captions)
     skipped = f" ({len(meta['skipped'])} unreadable images skipped)" if meta["skipped"] else ""
     if nothing_done and not changed:
-        log.info(f"code cache {out} already complete: {meta['count']} images in {len(spans)} "
+        kind = "code" if model.kind == "discrete" else "latent"
+        log.info(f"{kind} cache {out} already complete: {meta['count']} images in {len(spans)} "
                  f"shards{skipped}; nothing to do")
     else:
-        log.info(f"wrote {meta['count']} x {len(VARIANTS)} code grids in {len(spans)} shards "
+        what = "code grids" if model.kind == "discrete" else "posteriors"
+        log.info(f"wrote {meta['count']} x {len(VARIANTS)} {what} in {len(spans)} shards "
                  f"to {out}{skipped}")
     return meta
 

@@ -1,5 +1,5 @@
 """Tokenizer training's resume state: OUT_DIR/checkpoint.pt (model, discriminator, both
-optimisers, step, RNG, codebook-usage statistics) and the identity it records, the training
+optimisers, step, RNG, a VQ's codebook-usage statistics) and the identity it records, the training
 images and the settings that define the run, so that a resume with others is refused.
 Written atomically; read with torch.load(weights_only=True).
 """
@@ -16,8 +16,9 @@ from common.io import DiskFullError, atomic_torch_save
 
 # settings that define a tokenizer run: a resume with any of them changed is refused
 RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "grad_clip",
-               "l1_weight", "codebook_weight", "restart_dead", "gan", "disc_start", "disc_weight",
-               "disc_layers", "disc_ch", "seed")
+               "l1_weight", "gan", "disc_start", "disc_weight", "disc_layers", "disc_ch", "seed")
+# ... and those of one tokenizer family (the others' settings are unused by it)
+FAMILY_KEYS = {"vq": ("codebook_weight", "restart_dead"), "kl": ("kl_weight",)}
 
 
 def run_identity(cfg, dataset) -> dict:
@@ -25,7 +26,8 @@ def run_identity(cfg, dataset) -> dict:
     return {"data": {"images": len(dataset), "classes": list(dataset.classes),
                      "resolution": cfg.data.resolution},
             "model": dataclasses.asdict(cfg.model),
-            "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
+            "train": {k: getattr(cfg.train, k)
+                      for k in RESUME_KEYS + FAMILY_KEYS.get(cfg.model.name, ())}}
 
 
 def check_identity(path, stored: dict | None, identity: dict) -> None:
@@ -40,13 +42,14 @@ def check_identity(path, stored: dict | None, identity: dict) -> None:
 
 
 def save_checkpoint(path, raw, disc, opt, opt_d, step, identity=None) -> None:
-    q = raw.quantize
+    q = getattr(raw, "quantize", None)  # a VQ's usage statistics; a KL VAE has none
     atomic_torch_save({
         "model": raw.state_dict(), "optimizer": opt.state_dict(),
         "discriminator": disc.state_dict() if disc is not None else {},
         "disc_optimizer": opt_d.state_dict() if opt_d is not None else {},
         "step": step, "rng": torch.get_rng_state(),
-        "usage": {"last_used": q.last_used.cpu(), "track_step": q.track_step.cpu()},
+        "usage": ({"last_used": q.last_used.cpu(), "track_step": q.track_step.cpu()}
+                  if q is not None else {}),
         "identity": identity,
     }, path)
 
@@ -59,8 +62,9 @@ def load_checkpoint(path, raw, disc, opt, opt_d, identity=None) -> int:
     if disc is not None and ckpt["discriminator"]:
         disc.load_state_dict(ckpt["discriminator"])
         opt_d.load_state_dict(ckpt["disc_optimizer"])
-    raw.quantize.last_used.copy_(ckpt["usage"]["last_used"])
-    raw.quantize.track_step.copy_(ckpt["usage"]["track_step"])
+    if ckpt["usage"]:
+        raw.quantize.last_used.copy_(ckpt["usage"]["last_used"])
+        raw.quantize.track_step.copy_(ckpt["usage"]["track_step"])
     torch.set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
 

@@ -1,28 +1,35 @@
-"""Train a VQ image tokenizer.
+"""Train an image tokenizer: VQ (discrete codes) or KL (a continuous VAE), picked by model.name.
 
     python -m tokenizer.train --config configs/tokenizer/quickstart.yaml [key=value ...]
+    python -m tokenizer.train --config configs/tokenizer/kl_quickstart.yaml [key=value ...]
     torchrun --nproc_per_node=N -m tokenizer.train --config ... (DDP; global batch split over ranks)
+    python -m tokenizer.train model.name=kl --help     (the KL model keys)
 
-Re-running the same command resumes from OUT_DIR/checkpoint.pt (tokenizer/resume.py). At the end it exports
-OUT_DIR/vq.safetensors (+ .yaml), OUT_DIR/summary.json and OUT_DIR/recon.png (originals above
-their reconstructions). Losses: l2 (+ optional l1) reconstruction, codebook and commitment
-losses, and optionally a PatchGAN hinge loss with VQGAN's adaptive weight.
+Re-running the same command resumes from OUT_DIR/checkpoint.pt (tokenizer/resume.py). At the end
+it exports OUT_DIR/{vq,kl}.safetensors (+ .yaml), OUT_DIR/summary.json and OUT_DIR/recon.png
+(originals above their reconstructions). Losses: l2 (+ optional l1) reconstruction; for the VQ
+codebook and commitment losses, for the KL kl_weight * KL (tokenizer/kl_loss.py); optionally a
+PatchGAN hinge loss with VQGAN's adaptive weight. A KL run logs the posterior's statistics and
+the latent scale 1/std they suggest; with model.latent_scale=0 the exported config stores the
+scale measured on the evaluation images at the end (LDM's scale_by_std, MAR's 0.2325).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -31,9 +38,11 @@ from common.config import ConfigError, check_fields, check_paths, parse_cli, run
 from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
 from common.io import atomic_write_text
 from dataset.folder import ClassFolderDataset
-from dataset.images import save_png, to_uint8
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from tokenizer.evaluate import evaluate, psnr, reconstruction_fid
+from tokenizer.kl import KLConfig
+from tokenizer.kl_loss import kl_losses, step_noise
 from tokenizer.resume import disk_full_advice, load_checkpoint, run_identity, save_checkpoint
 from tokenizer.vq import VQConfig
 
@@ -60,9 +69,10 @@ class TrainConfig:
     schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     l1_weight: float = 0.0  # weight of an extra L1 reconstruction loss (L2 always has weight 1)
-    codebook_weight: float = 1.0  # weight of codebook + commitment losses
-    restart_dead: int = 0  # re-seed codes unused for this many batches from encoder outputs; 0: off
-    usage_window: int = 100  # batches over which codebook usage is reported
+    codebook_weight: float = 1.0  # VQ: weight of codebook + commitment losses
+    restart_dead: int = 0  # VQ: re-seed codes unused for this many batches from encoder outputs; 0: off
+    usage_window: int = 100  # VQ: batches over which codebook usage is reported
+    kl_weight: float = 1e-6  # KL: weight of the KL term (summed over an image's latent elements, batch mean; LDM)
     gan: bool = False  # add the PatchGAN adversarial loss
     disc_start: int = 20000  # step at which the GAN loss (and discriminator training) starts
     disc_weight: float = 0.5  # GAN loss weight, times the adaptive weight
@@ -82,7 +92,7 @@ class TrainConfig:
         check_fields(self, "train.", {
             "batch_size": ">= 1", "steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
             "warmup": ">= 0", "schedule": ("constant", "cosine"), "grad_clip": ">= 0",
-            "l1_weight": ">= 0", "codebook_weight": ">= 0", "restart_dead": ">= 0",
+            "l1_weight": ">= 0", "codebook_weight": ">= 0", "restart_dead": ">= 0", "kl_weight": ">= 0",
             "usage_window": ">= 1", "disc_start": ">= 0", "disc_weight": ">= 0",
             "disc_layers": ">= 1", "disc_ch": ">= 1", "eval_images": ">= 1", "num_workers": ">= 0",
             "log_every": ">= 1", "ckpt_every": ">= 1", "device": ("auto", "cpu", "cuda"),
@@ -97,6 +107,33 @@ class TokenizerTrainConfig:
     model: VQConfig = field(default_factory=VQConfig)  # tokenizer architecture
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     out_dir: str = "runs/tokenizer"  # run directory: checkpoint, weights, logs, summary
+
+
+@dataclass
+class KLTokenizerTrainConfig(TokenizerTrainConfig):
+    model: KLConfig = field(default_factory=KLConfig)  # tokenizer architecture
+
+
+SCHEMAS = {"vq": TokenizerTrainConfig, "kl": KLTokenizerTrainConfig}
+
+
+def schema_for(argv) -> type:
+    """The schema the command line asks for: model.name from the config files, then overrides
+    (applied in that order, as parse_cli merges them). Unknown names get the VQ schema, and
+    build_tokenizer then names the known ones."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    name = "vq"
+    for path in files:
+        try:
+            name = OmegaConf.select(OmegaConf.load(path), "model.name", default=name)
+        except Exception:  # missing or broken files are reported by parse_cli
+            pass
+    for a in args:
+        if a.startswith("model.name="):
+            name = a.split("=", 1)[1]
+    return SCHEMAS.get(name, TokenizerTrainConfig)
 
 
 # ---------------------------------------------------------------- data
@@ -164,36 +201,42 @@ def lr_at(t: TrainConfig, step: int) -> float:
     return t.lr
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale."""
-    a, b = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1.0 / mse)).mean()
-
-
 def make_optimizer(params, t: TrainConfig):
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
 
-def generator_step(cfg, vq, disc, opt, x, step):
-    """One tokenizer update; returns (recon, scalars, quantiser stats).
+def rank_noise(t: TrainConfig, raw, x: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """This rank's slice of the step's posterior noise, drawn for the whole global batch."""
+    h, w = x.shape[-2] // raw.downsample, x.shape[-1] // raw.downsample
+    noise = step_noise((t.batch_size, raw.latent_channels, h, w), t.seed, step)
+    return noise[rank * len(x):(rank + 1) * len(x)]
+
+
+def generator_step(cfg, net, disc, opt, x, step, rank):
+    """One tokenizer update; returns (recon, scalars, quantiser or latent stats).
 
     `disc` is the unwrapped discriminator: the GAN loss only needs its gradient with respect
     to the image, and the stray grads it leaves on D are cleared before D's own step.
     """
     t = cfg.train
-    raw = vq.module if isinstance(vq, DDP) else vq
+    raw = net.module if isinstance(net, DDP) else net
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-        recon, qlosses, stats = vq(x)
+        if raw.kind == "continuous":
+            noise = rank_noise(t, raw, x, step, rank)
+            recon, reg, scalars, stats = kl_losses(net, x, noise, t.kl_weight)
+        else:
+            recon, q, stats = net(x)
+            reg = t.codebook_weight * (q["codebook"] + q["commit"])
+            scalars = {"loss/codebook": q["codebook"].detach(), "loss/commit": q["commit"].detach()}
     recon = recon.float()
     rec = F.mse_loss(recon, x) + (t.l1_weight * F.l1_loss(recon, x) if t.l1_weight else 0.0)
-    loss = rec + t.codebook_weight * (qlosses["codebook"] + qlosses["commit"])
-    scalars = {"loss/rec": rec.detach(), "loss/codebook": qlosses["codebook"].detach(),
-               "loss/commit": qlosses["commit"].detach()}
+    loss = rec + reg
+    scalars["loss/rec"] = rec.detach()
     if t.gan and step >= t.disc_start:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             g = generator_loss(disc(recon).float())
-        w = t.disc_weight * adaptive_weight(rec, g, raw.decoder.last_layer)
+        # the decoder's last conv (both families name it conv_out)
+        w = t.disc_weight * adaptive_weight(rec, g, raw.decoder.conv_out.weight)
         loss = loss + w * g
         scalars.update({"loss/gen": g.detach(), "gan/weight": w})
     opt.zero_grad(set_to_none=True)
@@ -231,54 +274,10 @@ def track_codes(raw, stats, t: TrainConfig, step: int) -> int:
     return restarted
 
 
-# ---------------------------------------------------------------- outputs
-
-@torch.no_grad()
-def evaluate(raw, dataset, n: int, device, out_dir: Path, keep_images: bool = False) -> dict:
-    """PSNR and codebook usage on `n` evenly spaced images; writes the reconstruction grid.
-    With keep_images, also returns the originals and reconstructions as uint8 NHWC (for rFID)."""
-    raw.eval()
-    idx = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
-    loader = DataLoader(torch.utils.data.Subset(dataset, idx.tolist()), batch_size=64)
-    total, count, counts = 0.0, 0, torch.zeros(raw.codebook_size, dtype=torch.long)
-    originals, recons = [], []
-    for x, _ in loader:
-        x = x.to(device)
-        recon, _, stats = raw(x)
-        if keep_images:
-            originals.append(to_uint8(x.cpu()))
-            recons.append(to_uint8(recon.cpu()))
-        total += psnr(recon, x).item() * len(x)
-        count += len(x)
-        counts += stats["counts"].cpu()
-    # the grid spans the whole (class-sorted) dataset, so every class appears
-    grid_idx = np.linspace(0, len(dataset) - 1, min(16, len(dataset))).round().astype(int)
-    x = torch.stack([dataset[i][0] for i in grid_idx]).to(device)
-    save_grid(x.cpu(), raw(x)[0].cpu(), out_dir / "recon.png")
-    raw.train()
-    p = counts.float() / counts.sum()
-    result = {"psnr": total / count, "usage": (counts > 0).float().mean().item(),
-              "perplexity": math.exp(-(p * p.clamp_min(1e-10).log()).sum().item()), "images": count}
-    if keep_images:
-        result["originals"], result["recons"] = np.concatenate(originals), np.concatenate(recons)
-    return result
-
-
-def save_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, cols: int = 8) -> None:
-    """Rows alternate: `cols` originals, then their reconstructions beneath them."""
-    orig, rec = to_uint8(x), to_uint8(recon)  # (N, H, W, 3)
-    rows = []
-    for s in range(0, len(orig), cols):
-        for part in (orig[s:s + cols], rec[s:s + cols]):
-            pad = np.zeros((cols - len(part),) + part.shape[1:], np.uint8)
-            rows.append(np.concatenate(list(np.concatenate([part, pad])), axis=1))  # (H, cols*W, 3)
-    save_png(np.concatenate(rows, axis=0), path)
-
-
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
-    return run(parse_cli(TokenizerTrainConfig, argv, __doc__))
+    return run(parse_cli(schema_for(argv), argv, __doc__))
 
 
 def run(cfg: TokenizerTrainConfig) -> dict:
@@ -300,40 +299,40 @@ def run(cfg: TokenizerTrainConfig) -> dict:
             resolve_weights()
     torch.manual_seed(t.seed)  # same init on every rank
     dataset = ClassFolderDataset(cfg.data.root, cfg.data.resolution)
-    log.info(f"{dataset}; tokenizer grid {cfg.data.resolution // 2 ** (len(cfg.model.ch_mult) - 1)}^2")
-
     identity = run_identity(cfg, dataset)
     raw, disc, opt, opt_d, start = build(cfg, info, log, identity)  # refuses other settings
+    log.info(f"{dataset}; {cfg.model.name} tokenizer grid {raw.grid(cfg.data.resolution)}")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    if start >= t.steps and (out / "summary.json").is_file() and (out / "vq.safetensors").is_file():
+    if start >= t.steps and (out / "summary.json").is_file() and weights_path(cfg).is_file():
         log.info(f"{out} already holds the finished run; nothing to do")
         cleanup()
         return json.loads((out / "summary.json").read_text())
     torch.manual_seed(t.seed * 7919 + start * 31 + info.rank)  # dropout noise differs per rank
-    vq, d_net = raw, disc
+    net, d_net = raw, disc
     if info.world_size > 1:  # usage buffers are synced by hand (track_codes), not broadcast
-        vq = DDP(raw, **_no_buffer_sync())
+        net = DDP(raw, **_no_buffer_sync())
         d_net = DDP(disc) if disc is not None else None
     images = load_all(dataset, t.num_workers) if cfg.data.in_memory else None
     writer = make_writer(out) if info.is_main else None
 
     t0, restarted, ckpt_path, saved = time.time(), 0, out / "checkpoint.pt", start
-    bar = tqdm(total=t.steps, initial=start, disable=not info.is_main, desc="vq", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, disable=not info.is_main, desc=cfg.model.name,
+               dynamic_ncols=True)
     for step, x in enumerate(batches(cfg, dataset, images, start, info), start=start):
         x = x.to(info.device, non_blocking=True)
         for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
             group["lr"] = lr_at(t, step)
-        recon, scalars, stats = generator_step(cfg, vq, disc, opt, x, step)
+        recon, scalars, stats = generator_step(cfg, net, disc, opt, x, step, info.rank)
         if disc is not None and step >= t.disc_start:
             scalars.update(disc_step(d_net, opt_d, x, recon))
-        restarted += track_codes(raw, stats, t, step)
+        if raw.kind == "discrete":
+            restarted += track_codes(raw, stats, t, step)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            scalars.update({"psnr": psnr(recon, x), "usage/batch": stats["usage"],
-                            "usage/restarted": restarted,
-                            "usage/perplexity": stats["perplexity"], "lr": lr_at(t, step)})
-            log_scalars(writer, bar, scalars, raw.quantize.window_usage(t.usage_window), step + 1)
+            scalars.update({"psnr": psnr(recon, x), "lr": lr_at(t, step),
+                            **step_stats(raw, stats, restarted)})
+            log_scalars(writer, bar, scalars, window_usage(raw, t), step + 1)
             restarted = 0
         bar.update(1)
         if (step + 1) % t.ckpt_every == 0 and step + 1 < t.steps:
@@ -345,6 +344,22 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     bar.close()
     with disk_full_advice(saved):
         return finish(cfg, raw, disc, opt, opt_d, info, log, writer, time.time() - t0, start, identity)
+
+
+def step_stats(raw, stats: dict, restarted: int) -> dict:
+    """The batch's statistics to log: codebook usage (VQ), or the posterior's (KL)."""
+    if raw.kind == "continuous":
+        return stats
+    return {"usage/batch": stats["usage"], "usage/restarted": restarted,
+            "usage/perplexity": stats["perplexity"]}
+
+
+def window_usage(raw, t: TrainConfig) -> float | None:
+    return raw.quantize.window_usage(t.usage_window) if raw.kind == "discrete" else None
+
+
+def weights_path(cfg) -> Path:
+    return Path(cfg.out_dir) / f"{cfg.model.name}.safetensors"
 
 
 def _no_buffer_sync() -> dict:
@@ -373,14 +388,36 @@ def make_writer(out: Path):
     return SummaryWriter(str(out))
 
 
-def log_scalars(writer, bar, scalars, window_usage, step) -> None:
+def log_scalars(writer, bar, scalars, usage, step) -> None:
     vals = {k: float(all_reduce_mean(torch.as_tensor(v, dtype=torch.float32))) for k, v in scalars.items()}
-    vals["usage/window"] = window_usage
+    if usage is not None:
+        vals["usage/window"] = usage
     if writer is not None:
         for k, v in vals.items():
             writer.add_scalar(k, v, step)
-    bar.set_postfix(loss=f"{vals['loss/total']:.4f}", psnr=f"{vals['psnr']:.1f}",
-                    usage=f"{window_usage:.2f}")
+    extra = {"usage": f"{usage:.2f}"} if usage is not None else \
+        {"z_std": f"{vals['latent/sample_std']:.3g}", "kl": f"{vals['loss/kl']:.3g}"}
+    bar.set_postfix(loss=f"{vals['loss/total']:.4f}", psnr=f"{vals['psnr']:.1f}", **extra)
+
+
+def export_config(cfg, ev: dict):
+    """The config the weights are exported with: a KL run asked to measure its latent scale
+    (model.latent_scale=0) stores 1/std of its posterior samples on the evaluation images."""
+    if cfg.model.name == "kl" and cfg.model.latent_scale == 0:
+        return dataclasses.replace(cfg.model, latent_scale=round(ev["latent_scale_measured"], 5))
+    return cfg.model
+
+
+def family_summary(cfg, raw, ev: dict, model_cfg) -> dict:
+    t = cfg.train
+    if raw.kind == "continuous":
+        return {**{k: round(ev[k], 5) for k in ("latent_mean", "latent_std", "latent_sample_std",
+                                                "latent_scale_measured")},
+                "latent_scale": model_cfg.latent_scale, "latent_channels": raw.latent_channels,
+                "kl_weight": t.kl_weight}
+    return {"usage_eval": round(ev["usage"], 4), "perplexity_eval": round(ev["perplexity"], 2),
+            "usage_window": round(raw.quantize.window_usage(t.usage_window), 4),
+            "codebook_size": cfg.model.codebook_size}
 
 
 def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start, identity) -> dict:
@@ -388,38 +425,32 @@ def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start, identi
     summary = {}
     if info.is_main:
         save_checkpoint(out / "checkpoint.pt", raw, disc, opt, opt_d, t.steps, identity)
-        save_tokenizer(raw, cfg.model, out / "vq.safetensors")
         eval_set = ClassFolderDataset(cfg.data.eval_root or cfg.data.root, cfg.data.resolution)
-        ev = evaluate(raw, eval_set, t.eval_images, info.device, out, keep_images=t.rfid)
+        ev = evaluate(raw, eval_set, t.eval_images, info.device, out, keep_images=t.rfid, seed=t.seed)
+        model_cfg = export_config(cfg, ev)
+        weights = save_tokenizer(raw, model_cfg, weights_path(cfg))
         if t.rfid:
-            from evaluation import InceptionExtractor, fid_between, score
-
-            net = InceptionExtractor(device=info.device)
-            if t.rfid_ref:  # statistics of the same held-out images, computed once
-                ev["rfid"] = score(ev["recons"], t.rfid_ref, metrics=["fid"], extractor=net,
-                                   num_expected=0, num_workers=0)["metrics"]["fid"]
-            else:
-                ev["rfid"] = fid_between(ev["recons"], ev["originals"], progress=True, extractor=net)
-        summary = {"psnr": round(ev["psnr"], 3), "usage_eval": round(ev["usage"], 4),
-                   **({"rfid": round(ev["rfid"], 3)} if t.rfid else {}),
-                   "perplexity_eval": round(ev["perplexity"], 2), "eval_images": ev["images"],
-                   "usage_window": round(raw.quantize.window_usage(t.usage_window), 4),
-                   "codebook_size": cfg.model.codebook_size, "steps": t.steps,
-                   "steps_this_run": t.steps - start, "batch_size": t.batch_size,
+            ev["rfid"] = reconstruction_fid(ev, t, info.device)
+        summary = {"psnr": round(ev["psnr"], 3), **({"rfid": round(ev["rfid"], 3)} if t.rfid else {}),
+                   "eval_images": ev["images"], **family_summary(cfg, raw, ev, model_cfg),
+                   "steps": t.steps, "steps_this_run": t.steps - start, "batch_size": t.batch_size,
                    "wall_time_s": round(seconds, 1), "world_size": info.world_size,
-                   "weights": str((out / "vq.safetensors").resolve())}
+                   "weights": str(weights.resolve())}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         if writer is not None:
             writer.add_scalar("eval/psnr", ev["psnr"], t.steps)
             writer.close()
         rfid = f", rFID {ev['rfid']:.2f}" if t.rfid else ""
-        log.info(f"done: {t.steps} steps in {seconds:.0f}s, PSNR {ev['psnr']:.2f} dB{rfid}, codebook "
-                 f"usage {ev['usage']:.1%} (eval) / {summary['usage_window']:.1%} (last "
-                 f"{t.usage_window} batches) -> {out / 'vq.safetensors'}")
+        what = (f"latent std {ev['latent_sample_std']:.4g} (samples), latent_scale "
+                f"{model_cfg.latent_scale}" if raw.kind == "continuous" else
+                f"codebook usage {ev['usage']:.1%} (eval) / {summary['usage_window']:.1%} (last "
+                f"{t.usage_window} batches)")
+        log.info(f"done: {t.steps} steps in {seconds:.0f}s, PSNR {ev['psnr']:.2f} dB{rfid}, "
+                 f"{what} -> {weights}")
     barrier()
     cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    run_cli(run, TokenizerTrainConfig, __doc__)
+    run_cli(run, schema_for(None), __doc__)
