@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.argen-installed
 
-.PHONY: quickstart test install inception clean-runs
+.PHONY: quickstart quickstart-flow test install inception clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ inception: $(STAMP)
 quickstart: $(STAMP) inception
 	$(BIN)/python scripts/quickstart.py
 
+# the same pipeline with continuous latents: KL VAE + next-cell flow matching (xAR's method)
+quickstart-flow: $(STAMP) inception
+	$(BIN)/python scripts/quickstart.py flow
+
 test: $(STAMP) inception
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:
-	rm -rf runs/quickstart data/shapes32
+	rm -rf runs/quickstart runs/quickstart_flow data/shapes32

@@ -2,9 +2,9 @@
 random weights with xAR's backbone switches. Prints a table (network calls per image,
 images/s); not a test.
 
-    python bench/flow_speed.py                                         # CPU: AR-Nano width
-    python bench/flow_speed.py size=xAR-B cells=[8] steps=[40] batch_sizes=[1,128] \
-        precision=bf16                                                 # GPU: xAR's own figure
+    python bench/flow_speed.py                     # CPU: AR-Nano on the quickstart's 8x8 latents
+    python bench/flow_speed.py size=xAR-B grid=16 cells=[8] steps=[40] batch_sizes=[1,128] \
+        precision=bf16                             # GPU: xAR-B as released, xAR's own figure
 
 Each step of the order (a k x k cell) integrates `steps` network calls over its k^2 tokens
 against the KV cache; the first call of a cell also feeds the previous cell clean. So calls
@@ -38,9 +38,9 @@ from sampling.generate import SamplingConfig  # noqa: E402
 @dataclass
 class FlowBenchConfig:
     size: str = "AR-Nano"  # width/depth/heads from the registry (xAR-B on a GPU)
-    grid: int = 16  # latent grid side (16: KL-16 at 256 px)
+    grid: int = 8  # latent grid side (8: the flow quickstart's; 16: KL-16 at 256 px)
     channels: int = 16  # latent channels (KL-16: 16)
-    cells: List[int] = field(default_factory=lambda: [4, 8, 16])  # cell sides k (16 on a 16 grid: the whole image)
+    cells: List[int] = field(default_factory=lambda: [2, 4, 8])  # cell sides k (k = grid: the whole image)
     steps: List[int] = field(default_factory=lambda: [10, 20, 40])  # flow steps per cell
     batch_sizes: List[int] = field(default_factory=lambda: [1, 64])  # images per batch
     sampler: str = "sde"  # sde | ode

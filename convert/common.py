@@ -16,6 +16,7 @@ import argparse
 import json
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -155,3 +156,13 @@ def up_to_date(out: Path, config_yaml: str, source: dict) -> bool:
     except Exception:  # unreadable: convert again
         return False
     return meta.get("config") == config_yaml and meta.get("source") == json.dumps(source)
+
+
+def positional(args: list[str], names: tuple[str, ...], doc: str) -> list[str]:
+    """key=value arguments with bare paths given names in order (`IN.ckpt OUT.safetensors` ->
+    ckpt=IN.ckpt out=OUT.safetensors); more bare arguments than names exit with the usage."""
+    bare = [a for a in args if "=" not in a and not a.startswith("-")]
+    if len(bare) > len(names):
+        sys.exit(doc.strip() + f"\n\nerror: expected at most {len(names)} paths "
+                               f"({' '.join(names)}), got {bare}")
+    return [f"{k}={v}" for k, v in zip(names, bare)] + [a for a in args if a not in bare]

@@ -51,8 +51,8 @@ from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
 from common.config import ConfigError, check_fields, run_cli, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import (LAYOUTS, check_keys, load_foreign, rename, select_state, split_keys,
-                            up_to_date)
+from convert.common import (LAYOUTS, check_keys, load_foreign, positional, rename, select_state,
+                            split_keys, up_to_date)
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
 
@@ -308,9 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not args or args[0] not in COMMANDS:
         sys.exit(__doc__.strip() + f"\n\nerror: the first argument must be one of {sorted(COMMANDS)}")
     schema, convert = COMMANDS[args[0]]
-    rest = args[1:]
-    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
-        rest = [f"ckpt={rest[0]}"] + rest[1:]  # the checkpoint as a bare path
+    rest = positional(args[1:], ("ckpt", "out"), __doc__)  # bare paths: the checkpoint, then out
     return run_cli(convert, schema, __doc__, rest)  # any error: one line naming what to fix
 
 

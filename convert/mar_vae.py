@@ -27,7 +27,7 @@ import torch
 from common.config import check_fields, run_cli, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import LAYOUTS, check_keys, load_foreign, select_state, up_to_date
+from convert.common import LAYOUTS, check_keys, load_foreign, positional, select_state, up_to_date
 from tokenizer import WEIGHTS_KIND
 from tokenizer.kl import KLConfig, KLModel
 
@@ -187,13 +187,8 @@ def convert(cfg: MarVAEConvertConfig, reuse: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = list(sys.argv[1:] if argv is None else argv)
-    bare = [a for a in args if "=" not in a and not a.startswith("-")]
-    rest = [a for a in args if a not in bare]
-    if len(bare) > 2:
-        sys.exit(__doc__.strip() + f"\n\nerror: expected IN.ckpt OUT.safetensors, got {bare}")
-    rest = [f"{k}={v}" for k, v in zip(("ckpt", "out"), bare)] + rest  # positional IN OUT
-    return run_cli(convert, MarVAEConvertConfig, __doc__, rest)
+    args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), __doc__)
+    return run_cli(convert, MarVAEConvertConfig, __doc__, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from ar.model import AR_SIZES, ARModel, BackboneConfig, GeneratorSpec, ModelConf
 from common.config import ConfigError, check_fields, run_cli, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import check_keys, load_foreign, rename, split_keys, up_to_date
+from convert.common import check_keys, load_foreign, positional, rename, split_keys, up_to_date
 from tokenizer import build_tokenizer, read_tokenizer_config, tokenizer_sha256
 
 ##################################################################################
@@ -267,9 +267,7 @@ def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and "=" not in args[0] and not args[0].startswith("-"):
-        args = [f"ckpt={args[0]}"] + args[1:]  # the checkpoint as a bare path
+    args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), __doc__)
     return run_cli(convert_xar, XARConvertConfig, __doc__, args)
 
 

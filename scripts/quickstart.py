@@ -1,13 +1,17 @@
 """The whole pipeline on the built-in `shapes` dataset at 32x32, on a CPU, in minutes.
 
     make quickstart            (or: .venv/bin/python scripts/quickstart.py)
+    make quickstart-flow       (or: .venv/bin/python scripts/quickstart.py flow)
+
+`token` (the default): a VQ tokenizer and a next-token generator over its codes (LlamaGen's
+method). `flow`: a KL VAE and a next-cell flow-matching generator over its latents (xAR's).
 
 Each stage is the same command a user runs by hand (printed before it runs, and given in the
-README, which a test keeps equal to STAGES), so this file is also the pipeline's shortest
+README, which a test keeps equal to PIPELINES), so this file is also the pipeline's shortest
 documentation. Every stage skips or resumes finished work, so re-running after an interruption
 continues, and re-running a finished pipeline changes no file and says so. Stage wall times go
-to runs/quickstart/timings.json; the last step checks that the samples draw their class
-(runs/quickstart/class_check.json).
+to RUN/timings.json; the last step checks that the samples draw their class
+(RUN/class_check.json).
 """
 
 from __future__ import annotations
@@ -25,29 +29,42 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(ROOT))
 
 from common.io import atomic_write_text  # noqa: E402
-RUN = "runs/quickstart"
 DATA = "data/shapes32"
 PY = sys.executable
 
-STAGES = [
-    ("dataset", [PY, "-m", "dataset.shapes", f"out={DATA}", "resolution=32",
-                 "num_train=8000", "num_heldout=500", "seed=0"]),
-    ("reference", [PY, "eval_fid.py", "mode=ref", f"images={DATA}/heldout", "resolution=32",
-                   f"out={RUN}/heldout_ref.npz"]),
-    ("tokenizer", [PY, "-m", "tokenizer.train", "--config", "configs/tokenizer/quickstart.yaml",
-                   f"data.root={DATA}/train", f"data.eval_root={DATA}/heldout", f"out_dir={RUN}/vq",
-                   "train.rfid=true", f"train.rfid_ref={RUN}/heldout_ref.npz"]),
-    ("encode", [PY, "-m", "tokenizer.encode", f"data.root={DATA}/train", "data.resolution=32",
-                f"tokenizer={RUN}/vq/vq.safetensors", f"out={RUN}/codes", "num_workers=0"]),
-    ("generator", [PY, "train_gen.py", "--config", "configs/quickstart.yaml"]),
-    ("grid", [PY, "sample.py", "--config", "configs/sample/quickstart.yaml",
-              f"weights={RUN}/gen/weights/ema.safetensors", f"out={RUN}/grid.png", "mode=grid"]),
-    ("samples", [PY, "sample.py", "--config", "configs/sample/quickstart.yaml",
-                 f"weights={RUN}/gen/weights/ema.safetensors", f"out={RUN}/samples",
-                 "mode=images", "num_images=500"]),
-    ("fid", [PY, "eval_fid.py", f"images={RUN}/samples/samples.npz", f"ref={RUN}/heldout_ref.npz",
-             f"out={RUN}/metrics.json", "num_expected=500", "metrics=[fid,sfid,pr,kid]"]),
-]
+
+def stages(run: str, tokenizer: str, weights: str, encoded: str, suffix: str) -> list:
+    """The commands of one pipeline: `tokenizer` names its config and exported weights,
+    `suffix` its generator and sampling configs (configs/quickstart{suffix}.yaml)."""
+    sample = [PY, "sample.py", "--config", f"configs/sample/quickstart{suffix}.yaml",
+              f"weights={run}/gen/weights/ema.safetensors"]
+    return [
+        ("dataset", [PY, "-m", "dataset.shapes", f"out={DATA}", "resolution=32",
+                     "num_train=8000", "num_heldout=500", "seed=0"]),
+        ("reference", [PY, "eval_fid.py", "mode=ref", f"images={DATA}/heldout", "resolution=32",
+                       f"out={run}/heldout_ref.npz"]),
+        ("tokenizer", [PY, "-m", "tokenizer.train", "--config", f"configs/tokenizer/{tokenizer}.yaml",
+                       f"data.root={DATA}/train", f"data.eval_root={DATA}/heldout",
+                       f"out_dir={run}/{weights}", "train.rfid=true",
+                       f"train.rfid_ref={run}/heldout_ref.npz"]),
+        ("encode", [PY, "-m", "tokenizer.encode", f"data.root={DATA}/train", "data.resolution=32",
+                    f"tokenizer={run}/{weights}/{weights}.safetensors", f"out={run}/{encoded}",
+                    "num_workers=0"]),
+        ("generator", [PY, "train_gen.py", "--config", f"configs/quickstart{suffix}.yaml"]),
+        ("grid", sample + [f"out={run}/grid.png", "mode=grid"]),
+        ("samples", sample + [f"out={run}/samples", "mode=images", "num_images=500"]),
+        ("fid", [PY, "eval_fid.py", f"images={run}/samples/samples.npz", f"ref={run}/heldout_ref.npz",
+                 f"out={run}/metrics.json", "num_expected=500", "metrics=[fid,sfid,pr,kid]"]),
+    ]
+
+
+# name -> (run folder, stages): token = VQ + next-token (LlamaGen), flow = KL VAE + next-cell flow (xAR)
+PIPELINES = {
+    "token": ("runs/quickstart", stages("runs/quickstart", "quickstart", "vq", "codes", "")),
+    "flow": ("runs/quickstart_flow", stages("runs/quickstart_flow", "kl_quickstart", "kl", "latents",
+                                            "_flow")),
+}
+RUN, STAGES = PIPELINES["token"]
 
 
 def display(cmd: list[str]) -> str:
@@ -55,20 +72,20 @@ def display(cmd: list[str]) -> str:
     return shlex.join(c.replace(PY, "python") for c in cmd)
 
 
-def files_state() -> dict[str, tuple[int, int]]:
+def files_state(run: str) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file the pipeline writes: a stage that changed none did no work."""
     state = {}
-    for folder in (DATA, RUN):
+    for folder in (DATA, run):
         for dirpath, _, names in os.walk(folder):
             for name in names:
                 path = os.path.join(dirpath, name)
-                if path != os.path.join(RUN, "timings.json"):
+                if path != os.path.join(run, "timings.json"):
                     st = os.stat(path)
                     state[path] = (st.st_size, st.st_mtime_ns)
     return state
 
 
-def class_check() -> dict:
+def class_check(run: str) -> dict:
     """How often a sample's nearest training image, in pixels, is of the sample's class.
 
     The shapes are discrete, so a clean sample is close to some training image; this measures
@@ -82,52 +99,60 @@ def class_check() -> dict:
 
     train = ClassFolderDataset(f"{DATA}/train", 32)
     ref = np.stack([load_image(path, 32) for path, _ in train.samples])
-    with np.load(f"{RUN}/samples/samples.npz") as z:
+    with np.load(f"{run}/samples/samples.npz") as z:
         out = nearest_label_agreement(z["arr_0"], z["arr_1"], ref, [y for _, y in train.samples])
     out["per_class"] = {train.classes[k]: v for k, v in out.pop("per_label").items()}
-    atomic_write_text(Path(RUN, "class_check.json"), json.dumps(out, indent=2) + "\n")
+    atomic_write_text(Path(run, "class_check.json"), json.dumps(out, indent=2) + "\n")
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "token"
+    if name not in PIPELINES or len(args) > 1:
+        sys.exit(f"usage: scripts/quickstart.py [{' | '.join(PIPELINES)}]")
+    run, pipeline = PIPELINES[name]
+    target = "quickstart" + ("" if name == "token" else f"-{name}")
     os.chdir(ROOT)
     timings, worked = {}, []
     t_all = time.time()
-    for name, cmd in STAGES:
-        print(f"\n=== {name}: {display(cmd)}", flush=True)
-        t0, before = time.time(), files_state()
+    for stage, cmd in pipeline:
+        print(f"\n=== {stage}: {display(cmd)}", flush=True)
+        t0, before = time.time(), files_state(run)
         if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"quickstart: stage '{name}' failed; fix the error above and re-run "
-                     f"`make quickstart` (finished stages are skipped or resumed)")
-        timings[name] = round(time.time() - t0, 1)
-        if files_state() != before:
-            worked.append(name)
+            sys.exit(f"quickstart: stage '{stage}' failed; fix the error above and re-run "
+                     f"`make {target}` (finished stages are skipped or resumed)")
+        timings[stage] = round(time.time() - t0, 1)
+        if files_state(run) != before:
+            worked.append(stage)
         else:
-            print(f"=== {name}: already complete, no file changed", flush=True)
-    t0, before = time.time(), files_state()
-    check = class_check()
+            print(f"=== {stage}: already complete, no file changed", flush=True)
+    t0, before = time.time(), files_state(run)
+    check = class_check(run)
     timings["class check"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_all, 1)
-    if files_state() != before:
+    if files_state(run) != before:
         worked.append("class check")
     if worked:  # the timings of a run that did nothing would overwrite the real ones
-        atomic_write_text(Path(RUN, "timings.json"), json.dumps(timings, indent=2) + "\n")
+        atomic_write_text(Path(run, "timings.json"), json.dumps(timings, indent=2) + "\n")
         print("\n=== quickstart finished (stages that did work: " + ", ".join(worked) + ")\n"
               + "\n".join(f"  {k:<10} {v:>7.1f} s" for k, v in timings.items()))
     else:
         print(f"\n=== quickstart: every stage was already complete; nothing changed "
-              f"({RUN}/timings.json keeps the times of the run that did the work)")
-    vq = json.loads(Path(RUN, "vq", "summary.json").read_text())
-    gen = json.loads(Path(RUN, "gen", "summary.json").read_text())
-    fid = json.loads(Path(RUN, "metrics.json").read_text())["metrics"]
-    print(f"  tokenizer: PSNR {vq['psnr']:.2f} dB, rFID {vq.get('rfid', float('nan')):.2f}, "
-          f"codebook usage {vq['usage_eval']:.0%}\n"
+              f"({run}/timings.json keeps the times of the run that did the work)")
+    tok_dir = next(a.split("=", 1)[1] for a in dict(pipeline)["tokenizer"] if a.startswith("out_dir="))
+    tok = json.loads(Path(tok_dir, "summary.json").read_text())
+    gen = json.loads(Path(run, "gen", "summary.json").read_text())
+    fid = json.loads(Path(run, "metrics.json").read_text())["metrics"]
+    usage = (f"codebook usage {tok['usage_eval']:.0%}" if "usage_eval" in tok else
+             f"latent scale {tok['latent_scale']:.3f}")
+    print(f"  tokenizer: PSNR {tok['psnr']:.2f} dB, rFID {tok.get('rfid', float('nan')):.2f}, {usage}\n"
           f"  generator: final loss {gen['final']['loss']:.3f} after {gen['steps']} steps\n"
           f"  samples:   FID {fid['fid']:.2f} (500 samples vs 500 held-out images); "
           f"{check['agreement']:.0%} have a nearest training image of their own class "
-          f"(chance {1 / len(check['per_class']):.1%}; {RUN}/class_check.json)\n"
-          f"  grid:    {RUN}/grid.png  (one row per class)\n  samples: {RUN}/samples/samples.npz\n"
-          f"  metrics: {RUN}/metrics.json")
+          f"(chance {1 / len(check['per_class']):.1%}; {run}/class_check.json)\n"
+          f"  grid:    {run}/grid.png  (one row per class)\n  samples: {run}/samples/samples.npz\n"
+          f"  metrics: {run}/metrics.json")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The README's stage commands are exactly the ones `make quickstart` runs."""
+"""The README's stage commands are exactly the ones `make quickstart` and `make quickstart-flow` run."""
 
 import re
 
 import pytest
 
 from conftest import ROOT
-from scripts.quickstart import STAGES, display
+from scripts.quickstart import PIPELINES, display
+
+STAGES = [(f"{pipeline}-{name}", cmd) for pipeline, (_, stages) in PIPELINES.items() for name, cmd in stages]
 
 
 def readme_commands() -> set[str]:
