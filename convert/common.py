@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError
+from common.config import ConfigError, run_cli
 
 LAYOUTS = ("auto", "ddp", "fsdp", "deepspeed")  # how a training script saved its state dict
 
@@ -166,3 +166,10 @@ def positional(args: list[str], names: tuple[str, ...], doc: str) -> list[str]:
         sys.exit(doc.strip() + f"\n\nerror: expected at most {len(names)} paths "
                                f"({' '.join(names)}), got {bare}")
     return [f"{k}={v}" for k, v in zip(names, bare)] + [a for a in args if a not in bare]
+
+
+def run_converter(convert, schema, doc: str, argv: list[str] | None) -> Path:
+    """A converter's `main`: bare paths are ckpt then out, the rest key=value; any error is
+    one line naming what to fix (common.config.run_cli)."""
+    args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), doc)
+    return run_cli(convert, schema, doc, args)

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.config import check_fields, run_cli, to_yaml
+from common.config import check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import LAYOUTS, check_keys, load_foreign, positional, select_state, up_to_date
+from convert.common import LAYOUTS, check_keys, load_foreign, run_converter, select_state, up_to_date
 from tokenizer import WEIGHTS_KIND
 from tokenizer.kl import KLConfig, KLModel
 
@@ -187,8 +186,7 @@ def convert(cfg: MarVAEConvertConfig, reuse: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), __doc__)
-    return run_cli(convert, MarVAEConvertConfig, __doc__, args)
+    return run_converter(convert, MarVAEConvertConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +36,10 @@ import torch
 
 from ar.checkpoint import GENERATOR_KIND
 from ar.model import AR_SIZES, ARModel, BackboneConfig, GeneratorSpec, ModelConfig
-from common.config import ConfigError, check_fields, run_cli, to_yaml
+from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import check_keys, load_foreign, positional, rename, split_keys, up_to_date
+from convert.common import check_keys, load_foreign, rename, run_converter, split_keys, up_to_date
 from tokenizer import build_tokenizer, read_tokenizer_config, tokenizer_sha256
 
 ##################################################################################
@@ -267,8 +266,7 @@ def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), __doc__)
-    return run_cli(convert_xar, XARConvertConfig, __doc__, args)
+    return run_converter(convert_xar, XARConvertConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,19 @@ def model() -> ARModel:
     return tiny_model()
 
 
+def make_image_folder(root: Path, size: int, classes=("cat", "dog"), per_class: int = 4) -> Path:
+    """Class folders of random (asymmetric, so flips differ) size x size PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
 def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, classes: int = 3,
                     shard_size: int = 20, tokenizer_path: str = "", tokenizer_sha: str = "") -> Path:
     """A code cache in the format `python -m tokenizer.encode` writes, with learnable codes:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ar.data import CodeCache
+from conftest import make_image_folder
 from dataset.folder import ClassFolderDataset
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.cache import read_meta
@@ -22,13 +23,7 @@ from tokenizer.vq import VQConfig, VQModel
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """2 classes x 4 random 32x32 images (asymmetric, so flips give other codes)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for name in ("cat", "dog"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return make_image_folder(tmp_path / "data", 32)
 
 
 @pytest.fixture

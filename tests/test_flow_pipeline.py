@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ar.checkpoint import load_generator
-from conftest import ROOT, make_code_cache
+from conftest import ROOT, make_code_cache, make_image_folder
 from tokenizer import save_tokenizer
 from tokenizer.encode import main as encode
 from tokenizer.kl import KLConfig, KLModel
@@ -41,11 +41,7 @@ def latents(tmp_path_factory):
     """A random tiny KL tokenizer (16 px -> 4x4 latents of 4 channels) and its latent cache of
     2 classes x 4 random images."""
     root = tmp_path_factory.mktemp("flow")
-    rng = np.random.default_rng(0)
-    for name in ("cat", "dog"):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
+    make_image_folder(root / "data", 16)
     cfg = KLConfig(block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
                    encoder_attention=[], latent_scale=0.5)
     torch.manual_seed(0)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ar.data import BatchStream, CodeCache, LatentCache, open_cache
-from conftest import make_code_cache
+from conftest import make_code_cache, make_image_folder
 from dataset.folder import ClassFolderDataset
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.cache import make_meta, read_meta, shard_name
@@ -27,13 +26,7 @@ CFG = KLConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """2 classes x 4 random 16x16 images."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for name in ("cat", "dog"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return make_image_folder(tmp_path / "data", 16)
 
 
 @pytest.fixture
