@@ -5,11 +5,12 @@
         loss | one step's tokens
 
 `ARModel.forward` is the training path: the head says what the model is fed and must predict
-(`head.training_pair`: the codes themselves, or noisy latents and their velocity for flow). Inference: `prefill(condition)` writes the prefix into
-the static KV cache set up by `setup_cache`, then `extend(x, positions)` feeds T inputs at T
-positions against it; the cache is the model's only mutable inference state. The free
-functions in `sampling/generate.py` drive them step by step. Cached decoding equals a full
-forward pass for every order (tested).
+(`head.training_pair`: the codes themselves, or noisy latents and their velocity for flow).
+Inference: `prefill(condition)` writes the prefix into the static KV cache set up by
+`setup_cache`, then `extend(x, positions, ada)` feeds T inputs at T positions against it; the
+cache is the model's only mutable inference state. The free functions in `sampling/generate.py`
+and `sampling/flow.py` drive them step by step. Cached decoding equals a full forward pass for
+every order (tested).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B
+    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B, xAR-B, xAR-L, xAR-H
     dim: Optional[int] = None  # override the size's width
     n_layer: Optional[int] = None  # override the size's depth
     n_head: Optional[int] = None  # override the size's number of attention heads
