@@ -52,11 +52,7 @@ def load_foreign(path: str | Path):
         raise FileNotFoundError(f"checkpoint {path} not found; download it first (see the "
                                 f"README section 'Reproducing published numbers')")
     try:
-        # Namespace: LlamaGen's pickled training args, a bag of plain values
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            # mmap: a 3B checkpoint (12 GB) is paged in as read, not copied into memory
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=zipfile.is_zipfile(path)), path
+        return _torch_load(path), path
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f"a pickled {found.group(1)} object" if found else "pickled objects other than tensors"
@@ -67,6 +63,21 @@ def load_foreign(path: str | Path):
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint "
                          f"({str(e).splitlines()[0][:200]})") from None
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True), memory-mapped where the file allows: a 3B checkpoint
+    (12 GB) is then paged in as read, not copied; a zip of compressed records cannot be
+    mapped and is read whole."""
+    # Namespace: LlamaGen's and xAR's pickled training args, a bag of plain values
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if zipfile.is_zipfile(path):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "not resizable" not in str(e):  # mmap refused: compressed records
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def select_state(obj, path: Path, layout: str = "auto", use_ema: bool = False):

@@ -18,11 +18,12 @@ from common.io import load_state_strict, read_weights, save_weights, sha256_file
 from tokenizer.base import ImageTokenizer
 from tokenizer.kl import (KLConfig, KLModel, diffusers_weights_file, load_diffusers_folder,
                           read_diffusers_config)
+from tokenizer.msvq import MSVQConfig, MSVQModel
 from tokenizer.vq import VQConfig, VQModel
 
 # name -> module class, and name -> config dataclass
-TOKENIZERS = {"vq": VQModel, "kl": KLModel}
-CONFIGS = {"vq": VQConfig, "kl": KLConfig}
+TOKENIZERS = {"vq": VQModel, "kl": KLModel, "msvq": MSVQModel}
+CONFIGS = {"vq": VQConfig, "kl": KLConfig, "msvq": MSVQConfig}
 
 WEIGHTS_KIND = "tokenizer"
 

@@ -172,6 +172,9 @@ def encode_shards(model, dataset: ClassFolderDataset, names: list[str], spans: l
 
 def load_cache_tokenizer(weights: Path, device):
     model = load_tokenizer(weights, device=device)
+    if model.kind not in ("discrete", "continuous"):  # e.g. VAR's multi-scale VQ, not cached yet
+        raise ValueError(f"tokenizer={weights} is a {model.kind} tokenizer, which the cache "
+                         f"cannot hold yet; encode with a VQ or KL tokenizer")
     if model.kind == "continuous":
         if model.cfg.latent_scale <= 0:  # meta.json must tell the data stream the scale
             raise ValueError(f"tokenizer={weights} has latent_scale {model.cfg.latent_scale}; "

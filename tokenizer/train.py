@@ -226,6 +226,9 @@ def main(argv=None) -> dict:
 
 
 def run(cfg: TokenizerTrainConfig) -> dict:
+    if cfg.model.name not in SCHEMAS:  # e.g. msvq: loadable and convertible, not trainable yet
+        raise ConfigError(f"model.name={cfg.model.name!r}: this command trains {sorted(SCHEMAS)} "
+                          f"tokenizers")
     check_paths(cfg, {"data.root": "point it at a class-folder dataset (root/<class>/<images>)",
                       "data.eval_root": "point it at held-out class folders, or leave it empty",
                       "train.rfid_ref": f"build it with `python eval_fid.py mode=ref images=HELDOUT "
