@@ -184,3 +184,13 @@ def run_converter(convert, schema, doc: str, argv: list[str] | None) -> Path:
     one line naming what to fix (common.config.run_cli)."""
     args = positional(list(sys.argv[1:] if argv is None else argv), ("ckpt", "out"), doc)
     return run_cli(convert, schema, doc, args)
+
+
+def run_commands(commands: dict, doc: str, argv: list[str] | None) -> Path:
+    """The `main` of a converter with several kinds (`convert.llamagen gpt|vq ...`): the first
+    word picks (schema, convert) from `commands`, the rest is as for run_converter."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in commands:
+        sys.exit(doc.strip() + f"\n\nerror: the first argument must be one of {sorted(commands)}")
+    schema, convert = commands[args[0]]
+    return run_converter(convert, schema, doc, args[1:])

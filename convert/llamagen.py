@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +47,10 @@ import torch
 
 from ar.checkpoint import GENERATOR_KIND
 from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
-from common.config import ConfigError, check_fields, run_cli, to_yaml
+from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import (LAYOUTS, check_keys, load_foreign, positional, rename, select_state,
+from convert.common import (LAYOUTS, check_keys, load_foreign, rename, run_commands, select_state,
                             split_keys, up_to_date)
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
@@ -304,12 +303,7 @@ COMMANDS = {"gpt": (GPTConvertConfig, convert_gpt), "vq": (VQConvertConfig, conv
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in COMMANDS:
-        sys.exit(__doc__.strip() + f"\n\nerror: the first argument must be one of {sorted(COMMANDS)}")
-    schema, convert = COMMANDS[args[0]]
-    rest = positional(args[1:], ("ckpt", "out"), __doc__)  # bare paths: the checkpoint, then out
-    return run_cli(convert, schema, __doc__, rest)  # any error: one line naming what to fix
+    return run_commands(COMMANDS, __doc__, argv)  # any error: one line naming what to fix
 
 
 if __name__ == "__main__":

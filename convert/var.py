@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common.config import check_fields, run_cli, to_yaml
+from common.config import check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import check_keys, load_foreign, positional, up_to_date
+from convert.common import check_keys, load_foreign, run_commands, up_to_date
 from tokenizer import WEIGHTS_KIND
 from tokenizer.msvq import RELEASE_PATCH_NUMS, MSVQConfig, MSVQModel
 
@@ -241,12 +240,7 @@ COMMANDS = {"vqvae": (VQVAEConvertConfig, convert_vqvae)}
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in COMMANDS:
-        sys.exit(__doc__.strip() + f"\n\nerror: the first argument must be one of {sorted(COMMANDS)}")
-    schema, convert = COMMANDS[args[0]]
-    rest = positional(args[1:], ("ckpt", "out"), __doc__)  # bare paths: the checkpoint, then out
-    return run_cli(convert, schema, __doc__, rest)  # any error: one line naming what to fix
+    return run_commands(COMMANDS, __doc__, argv)  # any error: one line naming what to fix
 
 
 if __name__ == "__main__":

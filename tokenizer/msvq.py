@@ -17,7 +17,6 @@ Quantisation of a feature f (B, Cvae, h, w), h = w = patch_nums[-1]:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +26,7 @@ from torch import nn
 
 from common.config import ConfigError, check_fields
 from tokenizer.base import ImageTokenizer
-from tokenizer.vq import Downsample, ResnetBlock, Upsample
+from tokenizer.vq import Downsample, ResnetBlock, Upsample, init_convs_and_norms, run_level
 
 RELEASE_PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's 256px schedule (L = 680)
 
@@ -135,15 +134,6 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """One resolution level: its res blocks, each followed by attention where the level has it."""
-    for j, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-            h = level.attn[j](h)
-    return h
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: MSVQConfig):
         super().__init__()
@@ -169,7 +159,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = _run_level(level, h)
+            h = run_level(level.block, level.attn, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = _run_mid(self.mid, h)
@@ -202,7 +192,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for level in reversed(self.up):
-            h = _run_level(level, h)
+            h = run_level(level.block, level.attn, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -303,13 +293,7 @@ class MSVQModel(ImageTokenizer):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # PyTorch's conv default, made explicit
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         # VAR's eini(-1): codes start small and close together, inside the feature cloud
         v = self.cfg.codebook_size
         nn.init.uniform_(self.quantize.embedding.weight, -1 / v, 1 / v)

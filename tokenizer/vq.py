@@ -168,7 +168,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            h = _run_level(level, h)
+            h = run_level(level.res, level.attn, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         for block in self.mid:
@@ -176,12 +176,23 @@ class Encoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def init_convs_and_norms(module: nn.Module, norms: tuple = (nn.GroupNorm,)) -> None:
+    """PyTorch's conv default made explicit, zero conv biases, identity norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, norms):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def run_level(blocks: nn.ModuleList, attn: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
     """One resolution level: its res blocks, each followed by attention where the level has it."""
-    for j, block in enumerate(level.res):
+    for j, block in enumerate(blocks):
         h = block(h)
-        if len(level.attn):
-            h = level.attn[j](h)
+        if len(attn):
+            h = attn[j](h)
     return h
 
 
@@ -218,7 +229,7 @@ class Decoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:
-            h = _run_level(level, h)
+            h = run_level(level.res, level.attn, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(_swish(self.norm_out(h)))
@@ -325,13 +336,7 @@ class VQModel(ImageTokenizer):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # PyTorch's conv default, made explicit
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.GroupNorm, ChannelNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self, (nn.GroupNorm, ChannelNorm))
         # zero the residual branches' last conv so every block starts as the identity
         for m in self.modules():
             if isinstance(m, ResnetBlock):
