@@ -37,20 +37,30 @@ from common.config import ConfigError, check_fields
 class BackboneConfig:
     """The block's switches (ar/transformer.py); the defaults are LlamaGen's block."""
 
-    norm_eps: float = 1e-5  # RMSNorm epsilon (xAR: 1e-6)
-    block_norm_affine: bool = True  # a learned weight in the blocks' norms (xAR: false)
-    ffn_gate: str = "silu"  # feed-forward gate: silu (SwiGLU) | gelu (xAR)
+    norm_eps: float = 1e-5  # norm epsilon (xAR, VAR: 1e-6)
+    block_norm: str = "rms"  # the blocks' norm: rms | layer (VAR)
+    block_norm_affine: bool = True  # a learned weight in the blocks' norms (xAR, VAR: false)
+    ffn: str = "gated"  # feed-forward: gated (w2(act(w1 x) * w3 x)) | mlp (w2(act(w1 x)), VAR)
+    ffn_gate: str = "silu"  # its activation: silu (SwiGLU) | gelu (xAR) | gelu_tanh (VAR)
     ffn_hidden: Optional[int] = None  # feed-forward width; None: 8/3 dim rounded up to 256 (LlamaGen)
-    bias: bool = False  # biases on qkv, attention output and feed-forward (xAR: true)
+    bias: bool = False  # biases on qkv, attention output and feed-forward (xAR, VAR: true)
+    k_bias: bool = True  # with bias: on the keys too (VAR: false, q and v only)
+    qk_norm: bool = False  # l2-normalised q, k with a learned per-head scale clamped at 100 (VAR)
+    final_adaln: bool = False  # the final norm modulated by (scale, shift) from the adaLN vector (VAR)
     adaln: bool = False  # six-way adaLN from a class vector (+ the step's timestep for flow)
     input_norm: bool = False  # RMSNorm with weight on the inputs (xAR's z_proj_ln)
     split: int = 0  # blocks in the first of two halves joined by norm + Linear + position table (xAR: depth / 2)
     attn_dropout: float = 0.0  # dropout on attention probabilities (xAR trains with 0.1)
 
     def validate(self) -> None:
-        check_fields(self, "model.backbone.", {"norm_eps": "> 0", "ffn_gate": ("silu", "gelu"),
+        check_fields(self, "model.backbone.", {"norm_eps": "> 0", "block_norm": ("rms", "layer"),
+                                               "ffn": ("gated", "mlp"),
+                                               "ffn_gate": ("silu", "gelu", "gelu_tanh"),
                                                "ffn_hidden": ">= 1", "split": ">= 0",
                                                "attn_dropout": "[0, 1)"})
+        if self.final_adaln and not self.adaln:
+            raise ConfigError("model.backbone.final_adaln=true needs model.backbone.adaln=true "
+                              "(the final norm is modulated by the same vector)")
 
 
 @dataclass
@@ -189,17 +199,18 @@ class ARModel(nn.Module):
         for table in (self.pos_embed, getattr(self.transformer, "mid_pos", None)):
             if table is not None:
                 nn.init.normal_(table, std=0.02)
-        for layer in self.transformer.layers:
-            if layer.modulation is not None:  # adaLN-zero (DiT): every block starts as identity
-                nn.init.zeros_(layer.modulation[-1].weight)
-                nn.init.zeros_(layer.modulation[-1].bias)
+        modulations = [layer.modulation for layer in self.transformer.layers]
+        for mod in modulations + [self.transformer.final_modulation]:
+            if mod is not None:  # adaLN-zero (DiT): blocks start as identity, the final norm plain
+                nn.init.zeros_(mod[-1].weight)
+                nn.init.zeros_(mod[-1].bias)
         if hasattr(self.inputs, "initialize"):
             self.inputs.initialize()
         self.head.initialize()  # ... and the head its own output layer (zero: uniform predictions)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.norm.weight.dtype
+        return self.transformer.layers[0].attention.wqkv.weight.dtype
 
     def condition(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prefix embeddings (B, P, D), the vector added to every input (B, 1, D) or None)."""
@@ -319,9 +330,14 @@ def transformer_args(m: ModelConfig, length: int = 0) -> TransformerArgs:
         resid_dropout=m.resid_dropout,
         ffn_dropout=m.ffn_dropout,
         attn_dropout=b.attn_dropout,
+        block_norm=b.block_norm,
         block_norm_affine=b.block_norm_affine,
+        ffn=b.ffn,
         ffn_gate=b.ffn_gate,
         bias=b.bias,
+        k_bias=b.k_bias,
+        qk_norm=b.qk_norm,
+        final_adaln=b.final_adaln,
         adaln=b.adaln,
         input_norm=b.input_norm,
         split=b.split,

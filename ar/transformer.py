@@ -5,13 +5,19 @@ conditions or generation orders.
 The switches (`TransformerArgs`) are what released families differ in, so that their weights
 load exactly; the defaults are LlamaGen's block:
 
-    switch              LlamaGen (default)        xAR
-    block norm          RMSNorm, affine           RMSNorm, no affine
-    norm eps            1e-5                      1e-6
-    feed-forward        SwiGLU (SiLU gate)        GELU-gated (timm SwiGLU with nn.GELU)
-    hidden width        8/3 d rounded up to 256   int(8/3 d)
-    biases              none                      on qkv, out projection, MLP
+    switch              LlamaGen (default)        xAR                        VAR
+    block norm          RMSNorm, affine           RMSNorm, no affine         LayerNorm, no affine
+    norm eps            1e-5                      1e-6                       1e-6
+    feed-forward        SwiGLU (SiLU gate)        GELU-gated (timm SwiGLU    fc1, GELU (tanh), fc2
+                                                  with nn.GELU)
+    hidden width        8/3 d rounded up to 256   int(8/3 d)                 4 d
+    biases              none                      on qkv, out projection,    on q and v (not k),
+                                                  MLP                        out projection, MLP
+    attention logits    q.k / sqrt(dh)            q.k / sqrt(dh)             l2-normalised q and k,
+                                                                             q times a learned per-
+                                                                             head scale (clamped)
     adaLN               none                      six-way from a conditioning vector per token
+    final norm          RMSNorm with weight       RMSNorm with weight        adaLN (scale, shift)
     input norm          none                      RMSNorm with weight after the input tables
     two halves          one stack                 norm, Linear and a second learned position
                                                   table between the halves (MAR's enc/dec)
@@ -35,7 +41,9 @@ L cache capacity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +65,14 @@ class TransformerArgs:
     resid_dropout: float = 0.0
     ffn_dropout: float = 0.0
     attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
-    block_norm_affine: bool = True  # a learned weight in the blocks' RMSNorms
-    ffn_gate: str = "silu"  # the feed-forward's gate: silu (SwiGLU) | gelu (exact erf GELU)
+    block_norm: str = "rms"  # the blocks' norm: rms (RMSNorm) | layer (LayerNorm)
+    block_norm_affine: bool = True  # a learned weight in the blocks' norms
+    ffn: str = "gated"  # feed-forward: gated (w2(act(w1 x) * w3 x)) | mlp (w2(act(w1 x)))
+    ffn_gate: str = "silu"  # its activation: silu | gelu (exact erf) | gelu_tanh
     bias: bool = False  # biases on qkv, the attention output and the feed-forward Linears
+    k_bias: bool = True  # with bias: also on the keys (VAR: q and v only)
+    qk_norm: bool = False  # l2-normalise q and k per head, q times exp(min(learned, ln 100)), logit scale 1 (VAR)
+    final_adaln: bool = False  # the final norm modulated by (scale, shift) from the adaLN vector (VAR's head_nm)
     adaln: bool = False  # six-way adaLN modulation of every block from a conditioning vector
     input_norm: bool = False  # an RMSNorm with weight on the inputs before the first block
     split: int = 0  # blocks in the first half of a two-half stack (0: one stack)
@@ -88,6 +101,19 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim, in float32, with an optional weight (no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+        return y if self.weight is None else y * self.weight
 
 
 class RMSNorm(nn.Module):
@@ -133,6 +159,14 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
         # fused projection: H query heads then K key heads then K value heads
         self.wqkv = nn.Linear(a.dim, (a.n_head + 2 * a.n_kv_head) * a.head_dim, bias=a.bias)
+        if a.bias and not a.k_bias:  # the key part of the bias stays 0 (VAR's zero_k_bias)
+            keep = torch.ones(self.wqkv.out_features)
+            keep[a.n_head * a.head_dim:(a.n_head + a.n_kv_head) * a.head_dim] = 0
+            self.register_buffer("bias_keep", keep, persistent=False)
+        else:
+            self.bias_keep = None
+        # VAR's l2-normalised attention: a learned log scale per head, clamped at ln 100
+        self.scale_log = nn.Parameter(torch.full((a.n_head,), math.log(4.0))) if a.qk_norm else None
         self.wo = nn.Linear(a.n_head * a.head_dim, a.dim, bias=a.bias)
         self.resid_dropout = nn.Dropout(a.resid_dropout)
         self.attn_dropout = a.attn_dropout
@@ -142,9 +176,15 @@ class Attention(nn.Module):
                 pos: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         Hq, Hk, Dh = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.wqkv(x).split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
+        bias = self.wqkv.bias if self.bias_keep is None else self.wqkv.bias * self.bias_keep
+        q, k, v = F.linear(x, self.wqkv.weight, bias).split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
         q = apply_rope(q.view(B, T, Hq, Dh), rope).transpose(1, 2)  # (B, H, T, Dh)
         k = apply_rope(k.view(B, T, Hk, Dh), rope).transpose(1, 2)  # (B, K, T, Dh)
+        scale = None
+        if self.scale_log is not None:  # cached keys are stored normalised
+            scale = 1.0
+            q = F.normalize(q, dim=-1) * self.scale_log.clamp(max=math.log(100.0)).exp()[:, None, None]
+            k = F.normalize(k, dim=-1)
         v = v.view(B, T, Hk, Dh).transpose(1, 2)  # (B, K, T, Dh)
         if pos is not None:  # inference: write this step into the cache, attend to all of it
             assert self.cache is not None, "call setup_cache before cached decoding"
@@ -154,30 +194,32 @@ class Attention(nn.Module):
             v = v.repeat_interleave(Hq // Hk, dim=1)
         p = self.attn_dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, Hq * Dh)  # (B, T, H*Dh)
         return self.resid_dropout(self.wo(y))
 
 
-GATES = {"silu": F.silu, "gelu": F.gelu}
+GATES = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 
 
 class FeedForward(nn.Module):
-    """Gated feed-forward: w2(gate(w1 x) * w3 x); SwiGLU with the SiLU gate."""
+    """Gated, w2(act(w1 x) * w3 x) (SwiGLU with SiLU), or plain, w2(act(w1 x)) (VAR)."""
 
     def __init__(self, a: TransformerArgs):
         super().__init__()
         self.gate = GATES[a.ffn_gate]
         self.w1 = nn.Linear(a.dim, a.ffn_hidden, bias=a.bias)
-        self.w3 = nn.Linear(a.dim, a.ffn_hidden, bias=a.bias)
+        self.w3 = nn.Linear(a.dim, a.ffn_hidden, bias=a.bias) if a.ffn == "gated" else None
         self.w2 = nn.Linear(a.ffn_hidden, a.dim, bias=a.bias)
         self.ffn_dropout = nn.Dropout(a.ffn_dropout)
         self.resid_dropout = nn.Dropout(a.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.w2(self.ffn_dropout(self.gate(self.w1(x)) * self.w3(x))))
+        h = self.gate(self.w1(x)) if self.w3 is None else self.gate(self.w1(x)) * self.w3(x)
+        return self.resid_dropout(self.w2(self.ffn_dropout(h)))
 
 
 def modulation_of(layer: nn.Module, ada) -> list[torch.Tensor]:
@@ -192,9 +234,10 @@ def modulation_of(layer: nn.Module, ada) -> list[torch.Tensor]:
 class Block(nn.Module):
     def __init__(self, a: TransformerArgs):
         super().__init__()
-        self.attention_norm = RMSNorm(a.dim, a.norm_eps, a.block_norm_affine)
+        norm = NORMS[a.block_norm]
+        self.attention_norm = norm(a.dim, a.norm_eps, a.block_norm_affine)
         self.attention = Attention(a)
-        self.ffn_norm = RMSNorm(a.dim, a.norm_eps, a.block_norm_affine)
+        self.ffn_norm = norm(a.dim, a.norm_eps, a.block_norm_affine)
         self.feed_forward = FeedForward(a)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim)) if a.adaln else None
 
@@ -224,7 +267,12 @@ class Transformer(nn.Module):
             self.mid_norm = RMSNorm(a.dim, a.norm_eps)
             self.mid_proj = nn.Linear(a.dim, a.dim)
             self.mid_pos = nn.Parameter(torch.zeros(a.capacity, a.dim))  # (L, D) by position
-        self.norm = RMSNorm(a.dim, a.norm_eps)
+        if a.final_adaln:  # VAR's AdaLNBeforeHead: norm without weight, then (scale, shift)
+            self.norm = NORMS[a.block_norm](a.dim, a.norm_eps, affine=False)
+            self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 2 * a.dim))
+        else:
+            self.norm = RMSNorm(a.dim, a.norm_eps)
+            self.final_modulation = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None, ada=None) -> torch.Tensor:
@@ -239,7 +287,12 @@ class Transformer(nn.Module):
             if i == self.args.split and i:
                 x = self._between_halves(x, pos)
             x = layer(x, rope, mask, pos, ada)
-        return self.norm(x)
+        if self.final_modulation is None:
+            return self.norm(x)
+        scale, shift = self.final_modulation(ada[0]).chunk(2, dim=-1)  # (B, S, D) each
+        if ada[1] is not None:
+            scale, shift = scale[:, ada[1]], shift[:, ada[1]]
+        return self.norm(x) * (1 + scale) + shift
 
     def _between_halves(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         table = self.mid_pos[pos] if pos is not None else self.mid_pos[: x.shape[1]]  # (T, D)

@@ -77,11 +77,12 @@ def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
 
     model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
     h, vector = model.prefill(rows)  # (R, P, D)
+    ada = model.modulation(rows)  # adaLN models: the class vector of every row; else None
     prev = None
     for s in tqdm(range(order.num_steps), desc="steps", leave=False, disable=not progress):
         fed = inputs.step(model, s, prev, vector, len(rows))
         if fed is not None:
-            h = extend_fn(model, *fed)  # (R, T, D)
+            h = extend_fn(model, *fed, ada)  # (R, T, D)
         lo, hi = order.span(s)
         scale = scale_at(settings, s, order.num_steps) if guided else None
         uniform = noise.uniform_elements(keys, elements[lo:hi], model.head.vocab_size)

@@ -43,12 +43,13 @@ def cached_logits(model: ARModel, seq: torch.Tensor, cond) -> torch.Tensor:
     order, rows = model.order, len(cond)
     model.setup_cache(rows)
     h, vector = model.prefill(cond)
+    ada = model.modulation(cond)
     steps = []
     for s in range(order.num_steps):
         prev = seq[:, slice(*order.span(s - 1))] if s else None
         fed = model.inputs.step(model, s, prev, vector, rows)
         if fed is not None:
-            h = model.extend(*fed)
+            h = model.extend(*fed, ada)
         lo, hi = order.span(s)
         steps.append(model.head.logits(h[:, h.shape[1] - (hi - lo):]))
     return torch.cat(steps, dim=1)
