@@ -92,6 +92,10 @@ class CodeCache(_ShardedCache):
         out = self._gather(indices, variants, np.int64)
         return torch.from_numpy(out).view(-1, self.grid_h, self.grid_w)
 
+    def items(self, indices: np.ndarray, variants: np.ndarray, seed: int, offset: int) -> torch.Tensor:
+        """What the generator trains on for stream samples [offset, offset + n): the codes."""
+        return self.get(indices, variants)
+
 
 class LatentCache(_ShardedCache):
     """Memory-mapped posterior moments (N, A, 2C, h, w) float16 and labels (N,) of a
@@ -114,13 +118,14 @@ class LatentCache(_ShardedCache):
         """Posterior moments (n, 2C, h, w) float32 (mean, then unclamped logvar)."""
         return torch.from_numpy(self._gather(indices, variants, np.float32))
 
-    def latents(self, moments: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    def items(self, indices: np.ndarray, variants: np.ndarray, seed: int, offset: int) -> torch.Tensor:
         """Scaled posterior samples (n, C, h, w) of stream samples [offset, offset + n).
 
         Each item's noise comes from its own generator keyed by (seed, stream position): a few
         microseconds per item, and the same latent wherever and in whatever batch it is drawn.
         """
-        mean, logvar = split_moments(moments)  # logvar clamped to [-30, 20], as LDM/MAR
+        # logvar clamped to [-30, 20], as LDM/MAR
+        mean, logvar = split_moments(self.get(indices, variants))
         noise = np.stack([np.random.default_rng([_NOISE_TAG, seed, offset + i])
                           .standard_normal(mean.shape[1:], dtype=np.float32)
                           for i in range(len(mean))])
@@ -169,9 +174,7 @@ class BatchStream:
         """Codes (size, h, w) int64, or scaled latents (size, C, h, w) float32 sampled from
         the cached posteriors, and their conditions, dropped ones set to the null class."""
         indices, variants, drop = self.plan(offset, size)
-        codes = self.cache.get(indices, variants)
-        if isinstance(self.cache, LatentCache):
-            codes = self.cache.latents(codes, self.seed, offset)
+        codes = self.cache.items(indices, variants, self.seed, offset)
         labels = self.cache.labels[indices].copy()
         labels[drop] = self.cache.num_classes  # the null class
         return codes, ClassCondition(torch.from_numpy(labels))

@@ -15,7 +15,7 @@ every order (tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 import torch
@@ -157,8 +157,7 @@ class ARModel(nn.Module):
         self.prefix = m.cond_tokens
         self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample)
         self.num_tokens = self.order.num_tokens
-        kind = input_kind(m)
-        a = transformer_args(m, self.prefix + self.num_tokens - (kind == "next_token"))
+        a = transformer_args(m)
         self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln)
         # discrete inputs are codebook embeddings; flow inputs project latents themselves
         self.tok_embeddings = None if head.continuous else nn.Embedding(spec.vocab_size, a.dim)
@@ -167,9 +166,9 @@ class ARModel(nn.Module):
         self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
                           if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
-        self.inputs = INPUTS[kind](self.order, self.prefix, a.dim, spec.latent_channels)
+        self.inputs = INPUTS[input_kind(m)](self.order, self.prefix, a.dim, spec.latent_channels)
         self.length = self.prefix + self.inputs.length  # sequence positions, prefix included
-        self.transformer = Transformer(a)
+        self.transformer = Transformer(replace(a, capacity=self.length))
         outputs = spec.latent_channels if head.continuous else spec.vocab_size
         self.head = head(a.dim, outputs, getattr(m, config_field))
         self.register_buffer("rope", self._rope_table(), persistent=False)
@@ -313,8 +312,8 @@ def input_kind(m: ModelConfig) -> str:
 ##################################################################################
 
 
-def transformer_args(m: ModelConfig, length: int = 0) -> TransformerArgs:
-    """The backbone's arguments; `length` (sequence positions) sizes a two-half stack's table."""
+def transformer_args(m: ModelConfig) -> TransformerArgs:
+    """The backbone's arguments (the capacity of a two-half stack's table comes from the model)."""
     base = AR_SIZES.get(m.size, AR_SIZES["debug"])
     dim = m.dim or base["dim"]
     n_head = m.n_head or base["n_head"]
@@ -341,7 +340,6 @@ def transformer_args(m: ModelConfig, length: int = 0) -> TransformerArgs:
         adaln=b.adaln,
         input_norm=b.input_norm,
         split=b.split,
-        capacity=length,
     )
 
 

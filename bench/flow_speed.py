@@ -53,8 +53,8 @@ class FlowBenchConfig:
 
 def xar_like(size: str, grid: int, channels: int, cell: int) -> ModelConfig:
     """The registry size with xAR's switches, as cells of cell x cell tokens."""
-    layers = transformer_args(ModelConfig(size=size)).n_layer
-    dim = transformer_args(ModelConfig(size=size)).dim
+    base = transformer_args(ModelConfig(size=size))
+    layers, dim = base.n_layer, base.dim
     backbone = BackboneConfig(norm_eps=1e-6, block_norm_affine=False, ffn_gate="gelu",
                               ffn_hidden=int(dim * 8 / 3), bias=True, adaln=True, input_norm=True,
                               split=layers // 2)

@@ -33,6 +33,8 @@ def _pattern(template: str) -> re.Pattern:
 
 def rename(key: str, table: dict[str, str]) -> str | None:
     """The table's name for `key`, or None when no entry matches."""
+    if key in table:  # an exact entry (tables written out key by key need no patterns)
+        return table[key]
     for src, dst in table.items():
         m = _pattern(src).match(key)
         if m:
@@ -131,7 +133,7 @@ def split_keys(state: dict, table: dict[str, str] | None, derived, source: str,
         if any(k.startswith(("module.", "_orig_mod.")) for k in unknown):
             hint = (" The names carry a DDP/torch.compile wrapper prefix ('module.' or "
                     "'_orig_mod.'): save the unwrapped model's state dict.")
-        raise ValueError(f"{source}: {len(unknown)} keys the {project} key map does not know: "
+        raise ValueError(f"{source}: {len(unknown)} keys the {project} key table does not know: "
                          f"{sorted(unknown)[:12]}{' ...' if len(unknown) > 12 else ''}.{hint}")
     return mapped, dropped
 
@@ -153,6 +155,17 @@ def check_keys(own: dict, given: dict, source: str, names=lambda k: k) -> None:
     if parts:
         raise ValueError(f"{source} does not fit the architecture read from its shapes: "
                          + " | ".join(parts))
+
+
+def load_converted(build, mapped: dict, source: str, names=lambda k: k):
+    """The module `build()` makes, built on the meta device and given the mapped tensors:
+    every missing, extra or mis-shaped key is an error listed under `names` (the file's own
+    names), then a strict load that takes the tensors as they are."""
+    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
+        model = build()
+    check_keys(model.state_dict(), mapped, source, names)
+    model.load_state_dict(mapped, strict=True, assign=True)
+    return model
 
 
 def up_to_date(out: Path, config_yaml: str, source: dict) -> bool:

@@ -50,7 +50,7 @@ from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import (LAYOUTS, check_keys, load_foreign, rename, run_commands, select_state,
+from convert.common import (LAYOUTS, load_converted, load_foreign, rename, run_commands, select_state,
                             split_keys, up_to_date)
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
@@ -253,11 +253,8 @@ def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
     if reuse and up_to_date(Path(cfg.out), to_yaml(spec), source):
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
-    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
-        model = ARModel(spec)
-    names = argen_to_llamagen(set(model.state_dict()) | set(mapped))
-    check_keys(model.state_dict(), mapped, str(path), names.get)
-    model.load_state_dict(mapped, strict=True, assign=True)
+    model = load_converted(lambda: ARModel(spec), mapped, str(path),
+                           lambda k: argen_to_llamagen([k])[k])
     model.reset_buffers("cpu")
     if "freqs_cis" in dropped:  # a stored rotary table tells the grid it was trained at
         theirs = dropped["freqs_cis"].float()
@@ -288,10 +285,7 @@ def convert_vq(cfg: VQConvertConfig, reuse: bool = False) -> Path:
     if reuse and up_to_date(Path(cfg.out), to_yaml(vq_cfg), source):
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
-    with torch.device("meta"):
-        model = VQModel(vq_cfg)
-    check_keys(model.state_dict(), mapped, str(path))
-    model.load_state_dict(mapped, strict=True, assign=True)
+    model = load_converted(lambda: VQModel(vq_cfg), mapped, str(path))
     out = save_weights(cfg.out, model.state_dict(), WEIGHTS_KIND, to_yaml(vq_cfg),
                        extra={"source": json.dumps(source)})
     log.info(f"{path.name} ({layout}) -> {out}: codebook {vq_cfg.codebook_size} x "

@@ -26,7 +26,8 @@ import torch
 from common.config import check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import LAYOUTS, check_keys, load_foreign, run_converter, select_state, up_to_date
+from convert.common import (LAYOUTS, load_converted, load_foreign, run_converter, select_state,
+                            split_keys, up_to_date)
 from tokenizer import WEIGHTS_KIND
 from tokenizer.kl import KLConfig, KLModel
 
@@ -147,16 +148,11 @@ class MarVAEConvertConfig:
 
 
 def map_state(state: dict, table: dict[str, str], source: str) -> dict[str, torch.Tensor]:
-    """Rename by the table and reshape attention convs into Linear weights; unknown keys fail."""
-    unknown = sorted(k for k in state if k not in table)
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} keys the MAR KL VAE key table does not know: "
-                         f"{unknown[:12]}{' ...' if len(unknown) > 12 else ''}")
-    mapped = {}
-    for key, value in state.items():
-        new = table[key]
-        mapped[new] = value.flatten(1) if _LINEAR.search(new) and value.dim() == 4 else value
-    return mapped
+    """Rename by the table (unknown keys fail), in float32, with the attention's 1x1 convs
+    reshaped into Linear weights."""
+    mapped, _ = split_keys(state, table, (), source, project="MAR KL VAE")
+    return {k: (v.flatten(1) if _LINEAR.search(k) and v.dim() == 4 else v).float()
+            for k, v in mapped.items()}
 
 
 def convert(cfg: MarVAEConvertConfig, reuse: bool = False) -> Path:
@@ -172,11 +168,8 @@ def convert(cfg: MarVAEConvertConfig, reuse: bool = False) -> Path:
         return Path(cfg.out)
     table = key_table(kl_cfg)
     mapped = map_state(state, table, str(path))
-    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
-        model = KLModel(kl_cfg)
     inverse = {v: k for k, v in table.items()}
-    check_keys(model.state_dict(), mapped, str(path), lambda k: inverse.get(k, k))
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
+    model = load_converted(lambda: KLModel(kl_cfg), mapped, str(path), lambda k: inverse.get(k, k))
     out = save_weights(cfg.out, model.state_dict(), WEIGHTS_KIND, to_yaml(kl_cfg),
                        extra={"source": json.dumps(source)})
     log.info(f"{path.name} ({layout}) -> {out}: {len(mapped)} tensors, widths "

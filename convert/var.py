@@ -33,7 +33,7 @@ import torch
 from common.config import check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import check_keys, load_foreign, run_commands, up_to_date
+from convert.common import load_converted, load_foreign, run_commands, split_keys, up_to_date
 from tokenizer import WEIGHTS_KIND
 from tokenizer.msvq import RELEASE_PATCH_NUMS, MSVQConfig, MSVQModel
 
@@ -198,15 +198,6 @@ def _raw_state(obj, path: Path) -> dict:
     return dict(obj)
 
 
-def map_state(state: dict, table: dict[str, str], source: str) -> dict[str, torch.Tensor]:
-    """Rename by the table, drop the derived buffer; a key the table does not know is an error."""
-    unknown = sorted(k for k in state if k not in table and k != VQVAE_DERIVED)
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} keys the VAR VQVAE key table does not know: "
-                         f"{unknown[:12]}{' ...' if len(unknown) > 12 else ''}")
-    return {table[k]: v for k, v in state.items() if k != VQVAE_DERIVED}
-
-
 def convert_vqvae(cfg: VQVAEConvertConfig, reuse: bool = False) -> Path:
     """Write argen tokenizer weights for a VAR VQVAE; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
@@ -221,12 +212,10 @@ def convert_vqvae(cfg: VQVAEConvertConfig, reuse: bool = False) -> Path:
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
     table = vqvae_key_table(ms_cfg)
-    mapped = map_state(state, table, str(path))
-    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
-        model = MSVQModel(ms_cfg)
+    mapped, _ = split_keys(state, table, (VQVAE_DERIVED,), str(path), project="VAR VQVAE")
+    mapped = {k: v.float() for k, v in mapped.items()}
     inverse = {v: k for k, v in table.items()}
-    check_keys(model.state_dict(), mapped, str(path), lambda k: inverse.get(k, k))
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
+    model = load_converted(lambda: MSVQModel(ms_cfg), mapped, str(path), lambda k: inverse.get(k, k))
     out = save_weights(cfg.out, model.state_dict(), WEIGHTS_KIND, to_yaml(ms_cfg),
                        extra={"source": json.dumps(source)})
     log.info(f"{path.name} -> {out}: {len(mapped)} tensors, codebook {ms_cfg.codebook_size} x "

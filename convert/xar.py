@@ -39,7 +39,7 @@ from ar.model import AR_SIZES, ARModel, BackboneConfig, GeneratorSpec, ModelConf
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import check_keys, load_foreign, rename, run_converter, split_keys, up_to_date
+from convert.common import load_converted, load_foreign, rename, run_converter, split_keys, up_to_date
 from tokenizer import build_tokenizer, read_tokenizer_config, tokenizer_sha256
 
 ##################################################################################
@@ -251,10 +251,8 @@ def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
     if reuse and up_to_date(Path(cfg.out), to_yaml(spec), source):
         log.info(f"{cfg.out} is up to date with {path}")
         return Path(cfg.out)
-    with torch.device("meta"):
-        model = ARModel(spec)
-    check_keys(model.state_dict(), mapped, str(path), argen_to_xar(set(model.state_dict()) | set(mapped), enc).get)
-    model.load_state_dict(mapped, strict=True, assign=True)
+    model = load_converted(lambda: ARModel(spec), mapped, str(path),
+                           lambda k: argen_to_xar([k], enc)[k])
     model.reset_buffers("cpu")
     check_derived(model, dropped, str(path))
     out = save_weights(cfg.out, model.state_dict(), GENERATOR_KIND, to_yaml(spec),

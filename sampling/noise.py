@@ -84,8 +84,6 @@ def normal_elements(keys: torch.Tensor, elements: torch.Tensor, size: int,
     """Standard normal float32 noise (B, G, size) for the sequence elements (G,), keyed by
     each element's sequence index and a draw number (a flow step's start noise is draw 0,
     its SDE step k's noise draw k + 1): Box-Muller over two uniforms per entry."""
-    element_keys = _mix(_mix(keys, draw)[:, None], elements[None, :])  # (B, G)
-    entries = torch.arange(2 * size, dtype=torch.int64, device=keys.device)
-    u = _unit(hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1)))  # (B, G, 2 size)
+    u = uniform_elements(_mix(keys, draw), elements, 2 * size)  # (B, G, 2 size)
     radius = torch.sqrt(-2.0 * torch.log(u[..., :size]))
     return radius * torch.cos((2.0 * torch.pi) * u[..., size:])
