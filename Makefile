@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.argen-installed
 
-.PHONY: quickstart quickstart-flow test install inception clean-runs
+.PHONY: quickstart quickstart-flow quickstart-scale test install inception clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ quickstart: $(STAMP) inception
 quickstart-flow: $(STAMP) inception
 	$(BIN)/python scripts/quickstart.py flow
 
+# the same pipeline with a coarse-to-fine pyramid: multi-scale VQ + next-scale prediction (VAR's method)
+quickstart-scale: $(STAMP) inception
+	$(BIN)/python scripts/quickstart.py scale
+
 test: $(STAMP) inception
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:
-	rm -rf runs/quickstart runs/quickstart_flow data/shapes32
+	rm -rf runs/quickstart runs/quickstart_flow runs/quickstart_scale data/shapes32

@@ -1,4 +1,4 @@
-"""Reproduce a published gFID in one command: convert a released checkpoint (LlamaGen, xAR),
+"""Reproduce a published gFID in one command: convert a released checkpoint (LlamaGen, xAR, VAR),
 sample 50,000 images on every GPU of the machine, resize as the paper did, score against the
 ADM reference batch, and append a row with its provenance to a results table.
 
@@ -8,6 +8,9 @@ ADM reference batch, and append a row with its provenance to a results table.
     python reproduce.py --config configs/reproduce/xar-B.yaml \
         ckpt=pretrained_models/xAR-B.pth tokenizer_ckpt=pretrained_models/kl16.ckpt \
         ref=VIRTUAL_imagenet256_labeled.npz
+    python reproduce.py --config configs/reproduce/var-d16.yaml \
+        ckpt=pretrained_models/var_d16.pth tokenizer_ckpt=pretrained_models/vae_ch160v4096z32.pth \
+        ref=VIRTUAL_imagenet256_labeled.npz
     # -> runs/reproduce/LlamaGen-XL/{weights/, samples/, samples_256.npz, metrics.json}
     #    and one more row in results/reproduce.md
     # class-balanced labels (50 per class) instead of LlamaGen's random ones:
@@ -16,8 +19,9 @@ ADM reference batch, and append a row with its provenance to a results table.
 
 Stages; re-running the same command resumes where it stopped:
   1. convert  family=llamagen: convert.llamagen vq + gpt -> OUT/weights/{tokenizer,generator}
-              .safetensors; family=xar: convert.mar_vae + convert.xar (a generator of another
-              size than the config's `size` is refused). Kept while the sources are unchanged.
+              .safetensors; family=xar: convert.mar_vae + convert.xar; family=var: convert.var
+              vqvae + var (a generator of another size than the config's `size` is refused).
+              Kept while the sources are unchanged.
   2. sample   sample.py mode=images -> OUT/samples/shard_*/ PNGs. One process per visible GPU
               (torchrun) when there are several, or nproc=N; finished shards are never redone
               and image i depends only on (seed, i), not on the number of processes.
@@ -52,6 +56,8 @@ from common.io import atomic_write_text, sha256_file
 from common.precision import PRECISIONS
 from convert import mar_vae
 from convert.llamagen import LAYOUTS, GPTConvertConfig, VQConvertConfig, convert_gpt, convert_vq
+from convert.var_transformer import VARConvertConfig, convert_var
+from convert.var_vqvae import VQVAEConvertConfig, convert_vqvae
 from convert.xar import XARConvertConfig, convert_xar
 from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
@@ -65,7 +71,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 # the settings' allowed values; num_images >= 2: FID estimates a covariance
-RANGES = {"family": ("llamagen", "xar"), "size": ("", "xAR-B", "xAR-L", "xAR-H"),
+RANGES = {"family": ("llamagen", "xar", "var"),
+          "size": ("", "xAR-B", "xAR-L", "xAR-H", "VAR-d16", "VAR-d20", "VAR-d24", "VAR-d30"),
           "labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
           "precision": PRECISIONS, "device": ("auto", "cpu", "cuda"),
           "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
@@ -75,10 +82,11 @@ RANGES = {"family": ("llamagen", "xar"), "size": ("", "xAR-B", "xAR-L", "xAR-H")
 @dataclass
 class ReproduceConfig:
     name: str = "???"  # the run's label in the table, e.g. LlamaGen-XL
-    family: str = "llamagen"  # whose release: llamagen (GPT + VQ) | xar (xAR + MAR's KL-16 VAE)
-    ckpt: str = "???"  # generator checkpoint: LlamaGen c2i_*.pt (or a folder with consolidated.pth) | xAR-{B,L,H}.pth
-    tokenizer_ckpt: str = "???"  # its tokenizer: LlamaGen vq_ds16_c2i.pt | MAR's kl16.ckpt
-    size: str = ""  # xar: the generator size the config is for (xAR-B | xAR-L | xAR-H); another is refused
+    family: str = "llamagen"  # whose release: llamagen (GPT + VQ) | xar (xAR + MAR's KL-16 VAE) | var (VAR + its multi-scale VQVAE)
+    ckpt: str = "???"  # generator checkpoint: LlamaGen c2i_*.pt (or a folder with consolidated.pth) | xAR-{B,L,H}.pth | var_d{16,20,24,30}.pth
+    tokenizer_ckpt: str = "???"  # its tokenizer: LlamaGen vq_ds16_c2i.pt | MAR's kl16.ckpt | VAR's vae_ch160v4096z32.pth
+    size: str = ""  # xar, var: the generator size the config is for (xAR-B ... | VAR-d16 ...); another is refused
+    patch_nums: List[int] = field(default_factory=list)  # var: the VQVAE's scale schedule; empty: the 256px release's
     ref: str = "???"  # reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)
     out: str = ""  # working folder; empty: runs/reproduce/NAME
     table: str = "results/reproduce.md"  # markdown table a row is appended to
@@ -107,6 +115,9 @@ class ReproduceConfig:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
         if not self.metrics:
             raise ConfigError(f"metrics=[] asks for nothing; choose some of {list(METRICS)}")
+        if self.family == "var" and self.use_ema:
+            raise ConfigError("use_ema=true: VAR's checkpoints hold one set of weights (no EMA); "
+                              "leave it false")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -251,6 +262,13 @@ def convert_release(cfg: ReproduceConfig, folder: Path) -> tuple[Path, Path]:
     """(generator, tokenizer) argen weights converted from the release's files (kept when
     up to date)."""
     gen_out, tok_out = str(folder / "generator.safetensors"), str(folder / "tokenizer.safetensors")
+    if cfg.family == "var":
+        tok = convert_vqvae(VQVAEConvertConfig(ckpt=cfg.tokenizer_ckpt, out=tok_out,
+                                               **({"patch_nums": cfg.patch_nums} if cfg.patch_nums else {})),
+                            reuse=True)
+        gen = convert_var(VARConvertConfig(ckpt=cfg.ckpt, out=gen_out, tokenizer=str(tok), size=cfg.size),
+                          reuse=True)
+        return gen, tok
     if cfg.family == "xar":
         tok = mar_vae.convert(mar_vae.MarVAEConvertConfig(ckpt=cfg.tokenizer_ckpt, out=tok_out), reuse=True)
         gen = convert_xar(XARConvertConfig(ckpt=cfg.ckpt, out=gen_out, tokenizer=str(tok), size=cfg.size,

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
                            load_resume, save_resume)
 from ar.conditioning import ClassCondition
-from ar.data import BatchStream, CodeCache, LatentCache, open_cache
+from ar.data import BatchStream, CodeCache, LatentCache, ScaleCodeCache, open_cache
 from ar.ema import EMA
 from ar.engine import batch_layout, build_engine, train_step
-from ar.model import ARModel, GeneratorSpec, ModelConfig
+from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec
 from ar.optim import lr_at
 from common import dist
 from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
@@ -60,9 +60,9 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     warmup_steps: int = 0  # linear learning-rate warm-up
     warmup_frac: float = 0.0  # warm-up as a fraction of max_steps instead (used when warmup_steps is 0; xAR: 0.125)
-    schedule: str = "constant"  # constant | cosine (after warm-up, or from decay_start)
-    decay_start: float = 0.0  # cosine: constant until this fraction of max_steps, then decay (xAR: 0.75)
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    schedule: str = "constant"  # constant | cosine | linear (decay after warm-up, or from decay_start)
+    decay_start: float = 0.0  # cosine, linear: constant until this fraction of max_steps, then decay (xAR: 0.75)
+    min_lr_ratio: float = 0.0  # the decay's floor as a fraction of lr (VAR: 0.01)
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
     ema_decay: float = 0.9999  # EMA of the weights (the exported ones)
@@ -84,7 +84,7 @@ class TrainConfig:
             "global_batch": ">= 1", "micro_batch": ">= 1", "max_steps": ">= 1", "lr": "> 0",
             "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
             "warmup_frac": "[0, 1)", "decay_start": "[0, 1)",
-            "schedule": ("constant", "cosine"), "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0",
+            "schedule": ("constant", "cosine", "linear"), "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0",
             "cond_dropout": "[0, 1)", "ema_decay": "[0, 1]", "precision": ("auto", "bf16", "fp32"),
             "engine": ("ddp", "deepspeed"), "zero_stage": (1, 2), "device": ("auto", "cpu", "cuda"),
             "log_every": ">= 1", "ckpt_every": ">= 1", "keep_ckpts": ">= 0", "sample_every": ">= 0",
@@ -122,25 +122,47 @@ def warmup_of(t: TrainConfig) -> int:
     return t.warmup_steps or round(t.warmup_frac * t.max_steps)
 
 
+# what each kind of cache holds, and how a model that does not fit it is fixed
+_CACHE_HOLDS = {"discrete": "discrete codes, one grid per image (a VQ tokenizer's)",
+                "multiscale": "per-scale codes (a multi-scale tokenizer's, VAR's VQVAE)",
+                "continuous": "continuous latents (a KL tokenizer's)"}
+_TOKENIZER_OF = {"discrete": "a VQ tokenizer", "multiscale": "a multi-scale (msvq) tokenizer",
+                 "continuous": "a KL tokenizer"}
+_CACHE_FITS = {"discrete": "model.head=token with a single-grid order (raster, cell, subsample, whole)",
+               "multiscale": "model.order=scale (next-scale, VAR) with model.head=token",
+               "continuous": "model.head=flow"}
+
+
+def cache_kind_for(m: ModelConfig) -> str:
+    """The kind of code cache a model trains on."""
+    if m.head == "flow":
+        return "continuous"
+    return "multiscale" if m.order == "scale" else "discrete"
+
+
 def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
-    """The cache, refused when its kind does not fit the model's head."""
+    """The cache, refused when its kind does not fit the model (head and order)."""
     cache = open_cache(cfg.data.codes)
-    continuous = cfg.model.head == "flow"
-    if isinstance(cache, LatentCache) != continuous:
-        what = "continuous latents (a KL tokenizer's)" if not continuous else "discrete codes (a VQ tokenizer's)"
-        fix = ("set model.head=flow to train a flow model on it, or encode with a VQ tokenizer"
-               if not continuous else "encode with a KL tokenizer (model.head=flow needs latents), "
-                                      "or set model.head=token")
-        raise ConfigError(f"data.codes={cfg.data.codes} holds {what}, but model.head="
-                          f"{cfg.model.head}: {fix}")
+    found, wanted = cache.meta["kind"], cache_kind_for(cfg.model)
+    if found != wanted:
+        raise ConfigError(f"data.codes={cfg.data.codes} holds {_CACHE_HOLDS[found]}, but the model "
+                          f"(model.head={cfg.model.head}, model.order={cfg.model.order}) trains on "
+                          f"{_CACHE_HOLDS[wanted]}: set {_CACHE_FITS[found]} to train on this "
+                          f"cache, or encode the images with {_TOKENIZER_OF[wanted]}")
     return cache
 
 
 def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache) -> GeneratorSpec:
     """The architecture: the model config plus what the cache dictates."""
     tok = cache.meta["tokenizer"]
+    multiscale = MultiScaleSpec()
+    if isinstance(cache, ScaleCodeCache):  # the quantiser's facts, from the tokenizer's config
+        t = tok["config"]
+        multiscale = MultiScaleSpec(patch_nums=cache.scales, code_dim=t["codebook_dim"],
+                                    quant_resi=t["quant_resi"], share_quant_resi=t["share_quant_resi"])
     return GeneratorSpec(model=cfg.model, vocab_size=getattr(cache, "codebook_size", 0),
-                         latent_channels=getattr(cache, "channels", 0), grid_h=cache.grid_h,
+                         latent_channels=getattr(cache, "channels", 0), multiscale=multiscale,
+                         grid_h=cache.grid_h,
                          grid_w=cache.grid_w, num_classes=cache.num_classes,
                          class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
                          tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"])
@@ -156,7 +178,7 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
     if not Path(spec.tokenizer_path).is_file():
         log.warning(f"tokenizer {spec.tokenizer_path} not found: no grid written")
         return
-    device = ema_model.rope.device
+    device = ema_model.levels.device
     tokenizer = load_tokenizer(spec.tokenizer_path, device=device)
     classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
     labels = torch.tensor(classes, device=device).repeat_interleave(cfg.grid.per_class)
@@ -172,6 +194,22 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
 RESUME_KEYS = ("global_batch", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_frac",
                "schedule", "decay_start", "min_lr_ratio", "grad_clip", "cond_dropout", "ema_decay", "ema_warmup", "engine",
                "zero_stage", "seed")
+
+
+def copy_quantizer(model: ARModel, spec: GeneratorSpec) -> None:
+    """Next-scale inputs rebuild features with the tokenizer's quantiser: copy it (frozen)
+    from the tokenizer file the cache was encoded with."""
+    from tokenizer import load_tokenizer, tokenizer_sha256
+
+    path = Path(spec.tokenizer_path)
+    why = "next-scale training rebuilds its inputs with that tokenizer's quantiser"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} (recorded in data.codes's meta.json) not found; "
+                                f"{why}: put the file back, or re-encode the cache")
+    if tokenizer_sha256(path) != spec.tokenizer_sha256:
+        raise ValueError(f"tokenizer {path} changed since the cache was encoded (sha256 differs); "
+                         f"{why}: re-encode the cache with it, or restore the original file")
+    model.inputs.load_quantizer(load_tokenizer(path, device=model.levels.device))
 
 
 def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache) -> dict:
@@ -235,6 +273,8 @@ def main(cfg: RunConfig) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ARModel(spec).to(info.device)
+    if spec.multiscale.patch_nums:
+        copy_quantizer(model, spec)
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
     eng = build_engine(cfg.train, model, info, micro, accum)
     torch.manual_seed(cfg.train.seed * info.world_size + info.rank + 1)  # dropout differs per rank
@@ -281,7 +321,7 @@ def main(cfg: RunConfig) -> dict:
                 speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
                 last = {"step": step, **window_means(window, window_steps), "lr": lr,
                         "grad_norm": float(norm), "samples_per_s": speed,
-                        "tokens_per_s": speed * spec.grid_h * spec.grid_w}
+                        "tokens_per_s": speed * model.num_tokens}
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
                 if writer is not None:
                     _log_metrics(run, writer, last)

@@ -39,13 +39,18 @@ class ClassCondition:
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> prefix tokens (LlamaGen's `cls_embedding`) and/or an adaLN vector."""
+    """Class labels -> prefix tokens (LlamaGen's `cls_embedding`) and/or an adaLN vector; with
+    `tied`, the prefix is the adaLN vector itself (VAR's class_emb serves both)."""
 
-    def __init__(self, num_classes: int, dim: int, num_tokens: int = 1, vector: bool = False):
+    def __init__(self, num_classes: int, dim: int, num_tokens: int = 1, vector: bool = False,
+                 tied: bool = False):
         super().__init__()
         self.num_classes, self.num_tokens, self.dim = num_classes, num_tokens, dim
+        if tied and not vector:
+            raise ValueError("a prefix tied to the adaLN vector needs the vector table (adaLN)")
         # one extra row in each table: the null class of the unconditional CFG branch
-        self.embedding_table = nn.Embedding(num_classes + 1, num_tokens * dim) if num_tokens else None
+        own_table = num_tokens and not tied  # tied: the prefix repeats the vector (VAR's start token)
+        self.embedding_table = nn.Embedding(num_classes + 1, num_tokens * dim) if own_table else None
         self.vector_table = nn.Embedding(num_classes + 1, dim) if vector else None
 
     @property
@@ -54,9 +59,8 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, cond: ClassCondition) -> torch.Tensor:
         """Prefix embeddings (B, P, D); P = 0 gives an empty prefix."""
-        if self.embedding_table is None:
-            table = self.vector_table.weight
-            return table.new_zeros(len(cond), 0, self.dim)
+        if self.embedding_table is None:  # no prefix, or the class vector repeated P times
+            return self.vector(cond).expand(len(cond), self.num_tokens, self.dim)
         return self.embedding_table(cond.labels).view(len(cond), self.num_tokens, self.dim)
 
     def vector(self, cond: ClassCondition) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Training data over a cache written by `python -m tokenizer.encode`: discrete codes
-(`CodeCache`) or continuous latents (`LatentCache`); `open_cache` picks by meta.json's kind.
+(`CodeCache`), every scale's codes of a multi-scale tokenizer (`ScaleCodeCache`) or continuous
+latents (`LatentCache`); `open_cache` picks by meta.json's kind.
 
 The cache is a few large memory-mapped arrays (nanoGPT's train.bin idea), not one file per
 image. Each image has two variants (the original and its horizontal flip); one is picked per
@@ -28,12 +29,17 @@ from ar.conditioning import ClassCondition
 from tokenizer.kl_loss import sample, split_moments
 
 _NOISE_TAG = 0x4C41544E  # keeps latent-noise seeds apart from the epoch orders' ([seed, epoch])
-# what a cache of the other kind is, and what to do about it
+# (what the cache holds, what the reader needs) -> what is wrong, and what to do about it
 _WRONG_KIND = {
     "continuous": "this cache holds continuous latents; a token head needs discrete codes: encode "
                   "with a VQ tokenizer (or train a flow model on it)",
-    "discrete": "this cache holds discrete codes; a flow model needs continuous latents: encode "
-                "with a KL tokenizer",
+    ("discrete", "continuous"): "this cache holds discrete codes; a flow model needs continuous "
+                                "latents: encode with a KL tokenizer",
+    ("discrete", "multiscale"): "this cache holds one code grid per image; a next-scale model "
+                                "(model.order=scale) needs every scale's codes: encode with a "
+                                "multi-scale (msvq) tokenizer",
+    "multiscale": "this cache holds per-scale codes (a multi-scale tokenizer's, VAR's VQVAE); "
+                  "they train a next-scale model (model.order=scale, model.head=token)",
 }
 
 
@@ -48,8 +54,9 @@ class _ShardedCache:
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        if self.meta["kind"] != self.kind:
-            raise ValueError(f"{self.path}: {_WRONG_KIND[self.meta['kind']]}")
+        found = self.meta["kind"]
+        if found != self.kind:
+            raise ValueError(f"{self.path}: {_WRONG_KIND.get(found) or _WRONG_KIND[found, self.kind]}")
         self.grid_h, self.grid_w = self.meta["grid"]
         self.num_classes = int(self.meta["num_classes"])
         self.class_names = list(self.meta["class_names"])
@@ -97,6 +104,26 @@ class CodeCache(_ShardedCache):
         return self.get(indices, variants)
 
 
+class ScaleCodeCache(CodeCache):
+    """Memory-mapped codes (N, A, L) of a multi-scale cache: every scale's code map, coarse to
+    fine, each row-major (`scales` their sides; the last is the grid)."""
+
+    kind = "multiscale"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.scales = [int(p) for p in self.meta["scales"]]
+        self.seq_len = sum(p * p for p in self.scales)
+        if self.shards[0].shape[2:] != (self.seq_len,):
+            raise ValueError(f"{self.path}: shards hold codes of shape {self.shards[0].shape[2:]}, "
+                             f"but meta.json's scales {self.scales} make {self.seq_len} per image; "
+                             f"re-run the encode command")
+
+    def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
+        """Codes (n, L) int64 for the given image indices and variants."""
+        return torch.from_numpy(self._gather(indices, variants, np.int64))
+
+
 class LatentCache(_ShardedCache):
     """Memory-mapped posterior moments (N, A, 2C, h, w) float16 and labels (N,) of a
     continuous cache; latents the generator sees are (sample - latent_shift) * latent_scale."""
@@ -133,12 +160,14 @@ class LatentCache(_ShardedCache):
         return (z - self.latent_shift) * self.latent_scale
 
 
-def open_cache(path: str | Path) -> CodeCache | LatentCache:
+CACHES = {"discrete": CodeCache, "multiscale": ScaleCodeCache, "continuous": LatentCache}
+
+
+def open_cache(path: str | Path) -> CodeCache | ScaleCodeCache | LatentCache:
     """The reader for the cache's kind (meta.json "kind")."""
     from tokenizer.cache import read_meta
 
-    kind = read_meta(path)["kind"]
-    return CodeCache(path) if kind == "discrete" else LatentCache(path)
+    return CACHES[read_meta(path)["kind"]](path)
 
 
 class BatchStream:
@@ -171,8 +200,9 @@ class BatchStream:
         return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
     def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition]:
-        """Codes (size, h, w) int64, or scaled latents (size, C, h, w) float32 sampled from
-        the cached posteriors, and their conditions, dropped ones set to the null class."""
+        """Codes (size, h, w) or (size, L) int64, or scaled latents (size, C, h, w) float32
+        sampled from the cached posteriors, and their conditions, dropped ones set to the null
+        class."""
         indices, variants, drop = self.plan(offset, size)
         codes = self.cache.items(indices, variants, self.seed, offset)
         labels = self.cache.labels[indices].copy()

@@ -8,8 +8,9 @@ The sequence is [condition prefix (P positions)] + the inputs' positions. An inp
     for the KV cache alike: a position attends to every position of a block <= its own
     (block-causal, inclusive of its own block, whose inputs are all known at once),
   - `teacher_forced(model, seq, vector)`: the inputs of a whole sequence (training),
-  - `step(model, s, prev, vector, rows)`: the inputs that produce step s's predictions while
-    generating, at their positions (None when the prefill already produced them).
+  - `step(model, s, seq, vector, rows)`: the inputs that produce step s's predictions while
+    generating, at their positions (None when the prefill already produced them); `seq` (R, N)
+    holds the tokens of every row, steps < s filled in.
 `vector` is the condition's per-row vector added to every input (`model.cond_add`) or None.
 
     next_token   the previous token (LlamaGen): position P + i holds token i and predicts
@@ -32,6 +33,7 @@ from torch import nn
 
 from ar.conditioning import TimestepEmbedder
 from ar.orders import CPU, Order  # buffers are built on the CPU, even under a meta device
+from tokenizer.msvq import MSVQConfig, MultiScaleQuantizer
 
 
 def _block_causal(blocks: torch.Tensor) -> bool:
@@ -42,8 +44,9 @@ def _block_causal(blocks: torch.Tensor) -> bool:
 class NextTokenInputs(nn.Module):
     kind = "next_token"
     timed = False  # no flow time in the adaLN vector
+    token_inputs = True  # fed the codebook embeddings of tokens (model.tok_embeddings)
 
-    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
+    def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()
         if order.step_sizes != [1] * order.num_tokens:
             raise ValueError(f"model.inputs=next_token needs one token per step; order {order} "
@@ -58,12 +61,11 @@ class NextTokenInputs(nn.Module):
     def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
         return model.embed_tokens(seq[:, :-1], vector)  # (B, N - 1, D)
 
-    def step(self, model, s: int, prev: torch.Tensor | None, vector: torch.Tensor | None,
-             rows: int):
+    def step(self, model, s: int, seq: torch.Tensor, vector: torch.Tensor | None, rows: int):
         if s == 0:
             return None  # the prefill's last position predicts token 0
         pos = self.out_positions[s:s + 1]  # where token s - 1 goes in: P + s - 1
-        return model.embed_tokens(prev, vector), pos
+        return model.embed_tokens(seq[:, s - 1:s], vector), pos
 
 
 class _OwnStepInputs(nn.Module):
@@ -84,8 +86,9 @@ class _OwnStepInputs(nn.Module):
 class NextGroupInputs(_OwnStepInputs):
     kind = "next_group"
     timed = False
+    token_inputs = True
 
-    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
+    def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__(order, prefix)
         group = order.group_size  # equal steps: element j of step s sees element j of step s - 1
         self.start = nn.Parameter(torch.zeros(group, dim))  # (G, D) the inputs of step 0
@@ -104,22 +107,22 @@ class NextGroupInputs(_OwnStepInputs):
         later = model.embed_tokens(seq[:, :-self.group], vector)  # (B, N - G, D)
         return torch.cat([self._start(seq.shape[0], later.dtype, vector), later], dim=1)  # (B, N, D)
 
-    def step(self, model, s: int, prev: torch.Tensor | None, vector: torch.Tensor | None,
-             rows: int):
+    def step(self, model, s: int, seq: torch.Tensor, vector: torch.Tensor | None, rows: int):
         lo, hi = self.order.span(s)
         pos = self.out_positions[lo:hi]  # (G,)
         if s == 0:
             return self._start(rows, model.dtype, vector), pos
-        return model.embed_tokens(prev, vector), pos
+        return model.embed_tokens(seq[:, lo - self.group:lo], vector), pos
 
 
 class FlowInputs(_OwnStepInputs):
     kind = "flow"
     timed = True  # each fed group's flow time enters its adaLN vector
+    token_inputs = False
 
-    def __init__(self, order: Order, prefix: int, dim: int, channels: int = 0):
+    def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__(order, prefix)
-        self.proj = nn.Linear(channels, dim)  # (C -> D) xAR's z_proj
+        self.proj = nn.Linear(spec.latent_channels, dim)  # (C -> D) xAR's z_proj
         self.time_embed = TimestepEmbedder(dim)
 
     def embed(self, latents: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
@@ -136,4 +139,63 @@ class FlowInputs(_OwnStepInputs):
         return class_vector + self.time_embed(t).to(class_vector.dtype)
 
 
-INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs, "flow": FlowInputs}
+class NextScaleInputs(nn.Module):
+    kind = "next_scale"
+    timed = False
+    token_inputs = False
+
+    def __init__(self, order: Order, prefix: int, dim: int, spec=None):
+        super().__init__()
+        scales = getattr(order, "scales", None)
+        if scales is None:
+            raise ValueError(f"model.inputs=next_scale needs model.order=scale, not {order.name}")
+        first = order.step_sizes[0]
+        if prefix != first:
+            raise ValueError(f"model.inputs=next_scale: the prefix is the first scale's input "
+                             f"(VAR's start token), so model.cond_tokens must be {first} "
+                             f"(= {scales[0]}^2), not {prefix}")
+        self.order, self.prefix = order, prefix
+        self.length = order.num_tokens - first  # inputs of scales 1..S-1
+        # position i predicts element i: the prefix predicts scale 0, the inputs the rest
+        self.register_buffer("out_positions", torch.arange(order.num_tokens, device=CPU), persistent=False)
+        self.register_buffer("blocks", order.step_of.clone(), persistent=False)  # a block per scale
+        self.causal = _block_causal(self.blocks)
+        q = spec.multiscale
+        self.quantizer = MultiScaleQuantizer(MSVQConfig(
+            codebook_size=spec.vocab_size, codebook_dim=q.code_dim, patch_nums=list(scales),
+            quant_resi=q.quant_resi, share_quant_resi=q.share_quant_resi)).requires_grad_(False)
+        self.word_embed = nn.Linear(q.code_dim, dim)  # (Cvae -> D) VAR's word_embed
+
+    def load_quantizer(self, tokenizer) -> None:
+        """Copy the multi-scale tokenizer's codebook and phi convolutions (frozen)."""
+        self.quantizer.load_state_dict(tokenizer.quantize.state_dict(), strict=True)
+
+    def _embed(self, features: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        x = self.word_embed(features.to(self.word_embed.weight.dtype))  # (B, n, D)
+        return x if vector is None else x + vector
+
+    def _indices(self, seq: torch.Tensor, scales: int) -> list[torch.Tensor]:
+        """The first `scales` scales' codes of seq (B, >= their length), one tensor each."""
+        sizes = self.order.step_sizes[:scales]
+        return list(seq[:, :sum(sizes)].split(sizes, dim=1))
+
+    @torch.no_grad()
+    def _features(self, seq: torch.Tensor, scales: int, first: int) -> torch.Tensor:
+        """Cvae-wide inputs of scales first..scales from the codes of scales < `scales`, in
+        float32 whatever the autocast (the quantiser is the tokenizer's, frozen)."""
+        with torch.autocast(seq.device.type, enabled=False):
+            return self.quantizer.scale_inputs(self._indices(seq, scales), first)
+
+    def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        features = self._features(seq, self.order.num_steps, 1)  # (B, N - pn_0^2, Cvae)
+        return self._embed(features, vector)
+
+    def step(self, model, s: int, seq: torch.Tensor, vector: torch.Tensor | None, rows: int):
+        if s == 0:
+            return None  # the prefill (the start token) predicts scale 0
+        lo, hi = self.order.span(s)
+        return self._embed(self._features(seq, s, s), vector), self.out_positions[lo:hi]
+
+
+INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs, "flow": FlowInputs,
+          "next_scale": NextScaleInputs}

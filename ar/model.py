@@ -24,7 +24,7 @@ from torch import nn
 from ar.conditioning import ClassCondition, LabelEmbedder
 from ar.heads import HEADS, FlowHeadConfig, TokenHeadConfig
 from ar.inputs import INPUTS
-from ar.orders import ORDERS, make_order
+from ar.orders import CPU, ORDERS, make_order
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
 from common.config import ConfigError, check_fields
 
@@ -51,13 +51,14 @@ class BackboneConfig:
     input_norm: bool = False  # RMSNorm with weight on the inputs (xAR's z_proj_ln)
     split: int = 0  # blocks in the first of two halves joined by norm + Linear + position table (xAR: depth / 2)
     attn_dropout: float = 0.0  # dropout on attention probabilities (xAR trains with 0.1)
+    drop_path: float = 0.0  # stochastic depth, rising linearly over the blocks to this rate (VAR: 0.1 depth / 24)
 
     def validate(self) -> None:
         check_fields(self, "model.backbone.", {"norm_eps": "> 0", "block_norm": ("rms", "layer"),
                                                "ffn": ("gated", "mlp"),
                                                "ffn_gate": ("silu", "gelu", "gelu_tanh"),
                                                "ffn_hidden": ">= 1", "split": ">= 0",
-                                               "attn_dropout": "[0, 1)"})
+                                               "attn_dropout": "[0, 1)", "drop_path": "[0, 1)"})
         if self.final_adaln and not self.adaln:
             raise ConfigError("model.backbone.final_adaln=true needs model.backbone.adaln=true "
                               "(the final norm is modulated by the same vector)")
@@ -65,7 +66,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B, xAR-B, xAR-L, xAR-H
+    size: str = "debug"  # a name in AR_SIZES: debug, AR-Nano, AR-B, AR-L, AR-XL, AR-XXL, AR-3B, xAR-B, xAR-L, xAR-H, VAR-d16, VAR-d20, VAR-d24, VAR-d30
     dim: Optional[int] = None  # override the size's width
     n_layer: Optional[int] = None  # override the size's depth
     n_head: Optional[int] = None  # override the size's number of attention heads
@@ -74,14 +75,17 @@ class ModelConfig:
     token_head: TokenHeadConfig = field(default_factory=TokenHeadConfig)  # the token head's options
     flow_head: FlowHeadConfig = field(default_factory=FlowHeadConfig)  # the flow head's options
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the block's switches
-    order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole
+    order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole | scale (the multi-scale tokenizer's schedule, VAR)
     cell: int = 2  # order=cell: k x k tokens per step (k divides both grid sides)
     subsample: int = 2  # order=subsample: s x s steps, each the sub-grid of one offset
-    inputs: str = "auto"  # next_token | next_group | flow | auto (flow for the flow head; else next_token for raster, next_group otherwise)
-    cond_tokens: int = 1  # prefix tokens the class condition occupies (0: none; the class enters by adaLN)
+    inputs: str = "auto"  # next_token | next_group | flow | next_scale | auto (flow for the flow head; next_scale for order=scale; else next_token for raster, next_group otherwise)
+    cond_tokens: int = 1  # prefix tokens the class condition occupies (0: none; the class enters by adaLN; next_scale: the first scale's tokens)
+    cond_prefix: str = "table"  # the prefix's embedding: table (its own, LlamaGen) | vector (the adaLN class vector repeated, VAR's start token)
+    rope: str = "2d"  # rotary position embedding: 2d (LlamaGen's layout) | none (VAR: learned positions only)
     rope_base: float = 10000.0  # rotary embedding base
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
     pos_embed: str = "none"  # absolute position embedding added to the inputs: none (LlamaGen) | learned
+    level_embed: bool = False  # a learned embedding per step added at the positions predicting it (VAR's lvl_embed)
     cond_add: bool = False  # also add a class embedding to every token input (not in LlamaGen; a
     #                         stronger class signal for small models, see README "Model options")
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen: 0.1)
@@ -96,11 +100,9 @@ class ModelConfig:
             raise ConfigError(f"model.head={self.head!r}; choose one of {sorted(HEADS)}")
         if self.order not in ORDERS:
             raise ConfigError(f"model.order={self.order!r}; choose one of {sorted(ORDERS)}")
-        if self.cond_rope not in ("zero", "identity"):
-            raise ConfigError(f"model.cond_rope={self.cond_rope!r}; choose zero or identity")
-        if self.pos_embed not in ("none", "learned"):
-            raise ConfigError(f"model.pos_embed={self.pos_embed!r}; choose none or learned")
-        check_fields(self, "model.", {"inputs": ("auto", *INPUTS), "cell": ">= 1", "subsample": ">= 1",
+        check_fields(self, "model.", {"cond_rope": ("zero", "identity"), "pos_embed": ("none", "learned"),
+                                      "rope": ("2d", "none"), "cond_prefix": ("table", "vector"),
+                                      "inputs": ("auto", *INPUTS), "cell": ">= 1", "subsample": ">= 1",
                                       "dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
                                       "n_kv_head": ">= 1", "cond_tokens": ">= 0", "rope_base": "> 0",
                                       "token_dropout": "[0, 1)", "resid_dropout": "[0, 1)",
@@ -110,9 +112,18 @@ class ModelConfig:
         if (self.head == "flow") != (kind == "flow"):
             raise ConfigError(f"model.head={self.head} with model.inputs={kind}: the flow head "
                               f"needs model.inputs=flow (or auto), and flow inputs the flow head")
+        if (self.order == "scale") != (kind == "next_scale"):
+            raise ConfigError(f"model.order={self.order} with model.inputs={kind}: next-scale "
+                              f"inputs go with the scale order and the scale order with them")
+        if kind == "next_scale" and self.head != "token":
+            raise ConfigError("model.order=scale predicts a multi-scale tokenizer's codes: it "
+                              "needs model.head=token")
         if self.cond_tokens == 0 and not self.backbone.adaln:
             raise ConfigError("model.cond_tokens=0 leaves the class no way in: set "
                               "model.backbone.adaln=true, or cond_tokens >= 1")
+        if self.cond_prefix == "vector" and not self.backbone.adaln:
+            raise ConfigError("model.cond_prefix=vector repeats the adaLN class vector: it needs "
+                              "model.backbone.adaln=true")
         if self.cond_tokens == 0 and kind == "next_token":
             raise ConfigError("model.inputs=next_token predicts token 0 from the last prefix "
                               "position: it needs model.cond_tokens >= 1")
@@ -127,6 +138,17 @@ class ModelConfig:
 
 
 @dataclass
+class MultiScaleSpec:
+    """A multi-scale tokenizer's quantiser (VAR's VQVAE), which next-scale inputs rebuild from
+    codes; copied from the tokenizer's config. Empty for single-grid tokenizers."""
+
+    patch_nums: List[int] = field(default_factory=list)  # side of each scale's code map, coarse to fine (last = grid side)
+    code_dim: int = 0  # channels of a code vector (VAR's Cvae)
+    quant_resi: float = 0.5  # r of the tokenizer's phi(x) = (1 - r) x + r conv3x3(x)
+    share_quant_resi: int = 4  # the tokenizer's phi convolutions: 1 shared, 0 one per scale, K spread
+
+
+@dataclass
 class GeneratorSpec:
     """Everything that fixes the generator's architecture: the model config plus values
     derived once from the code cache. Stored in every weights file."""
@@ -134,6 +156,7 @@ class GeneratorSpec:
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture choices
     vocab_size: int = 0  # codebook size of the tokenizer (discrete)
     latent_channels: int = 0  # channels per latent position (continuous tokenizers)
+    multiscale: MultiScaleSpec = field(default_factory=MultiScaleSpec)  # the scale schedule and quantiser (multi-scale tokenizers)
     grid_h: int = 0  # code-grid rows
     grid_w: int = 0  # code-grid columns
     num_classes: int = 0  # number of real classes (the null class is extra)
@@ -155,28 +178,36 @@ class ARModel(nn.Module):
         m = spec.model
         head, config_field = HEADS[m.head]
         self.prefix = m.cond_tokens
-        self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample)
+        self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample,
+                                spec.multiscale.patch_nums)
         self.num_tokens = self.order.num_tokens
         a = transformer_args(m)
-        self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln)
-        # discrete inputs are codebook embeddings; flow inputs project latents themselves
-        self.tok_embeddings = None if head.continuous else nn.Embedding(spec.vocab_size, a.dim)
+        self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln,
+                                  tied=m.cond_prefix == "vector")
+        inputs = INPUTS[input_kind(m)]
+        # token inputs are codebook embeddings; flow and next-scale inputs project their own
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim) if inputs.token_inputs else None
         # (num_classes + 1, D): the label's embedding added to every input, null row included
         self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
-        self.pos_embed = (nn.Parameter(torch.zeros(self.prefix + self.num_tokens, a.dim))
-                          if m.pos_embed == "learned" else None)  # (P + N, D), by sequence position
+        inputs = inputs(self.order, self.prefix, a.dim, spec)
+        self.length = self.prefix + inputs.length  # sequence positions L, prefix included
+        self.pos_embed = (nn.Parameter(torch.zeros(self.length, a.dim))
+                          if m.pos_embed == "learned" else None)  # (L, D), by sequence position
         self.token_dropout = nn.Dropout(m.token_dropout)
-        self.inputs = INPUTS[input_kind(m)](self.order, self.prefix, a.dim, spec.latent_channels)
-        self.length = self.prefix + self.inputs.length  # sequence positions, prefix included
+        self.inputs = inputs
+        self.level_embed = nn.Embedding(self.order.num_steps, a.dim) if m.level_embed else None
+        self.register_buffer("levels", self._levels(), persistent=False)
         self.transformer = Transformer(replace(a, capacity=self.length))
         outputs = spec.latent_channels if head.continuous else spec.vocab_size
         self.head = head(a.dim, outputs, getattr(m, config_field))
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.initialize_weights()
 
-    def _rope_table(self) -> torch.Tensor:
+    def _rope_table(self) -> torch.Tensor | None:
         """(P + N, Dh/2, 2): condition positions first, then the sequence's grid positions
-        (position P + i holds element i's input, or token i for next-token)."""
+        (position P + i holds element i's input, or token i for next-token); None without RoPE."""
+        if self.spec.model.rope == "none":
+            return None
         rows, cols = self.order.coords()
         table = rope_2d(rows, cols, self.transformer.args.head_dim, self.spec.model.rope_base)
         cond = torch.zeros(self.prefix, *table.shape[1:], device=table.device)
@@ -184,9 +215,18 @@ class ARModel(nn.Module):
             cond[..., 0] = 1.0  # cos 1, sin 0: no rotation
         return torch.cat([cond, table])
 
+    def _levels(self) -> torch.Tensor:
+        """(P + N,): the step each position predicts (0 where it predicts nothing), which picks
+        its level embedding."""
+        levels = torch.zeros(self.length, dtype=torch.long, device=CPU)
+        levels[self.inputs.out_positions.cpu()] = self.order.step_of
+        return levels
+
     def reset_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers, e.g. after building on the meta device."""
-        self.rope = self._rope_table().to(device)
+        rope = self._rope_table()
+        self.rope = None if rope is None else rope.to(device)
+        self.levels = self._levels().to(device)
 
     def initialize_weights(self) -> None:
         # LlamaGen/GPT-2 style: N(0, 0.02) for every matrix and table ...
@@ -222,7 +262,15 @@ class ARModel(nn.Module):
         return x if vector is None else x + vector
 
     def _with_pos(self, x: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
-        return x if self.pos_embed is None else x + self.pos_embed[pos].to(x.dtype)
+        """Inputs plus the learned position and level embeddings of their positions."""
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[pos].to(x.dtype)
+        if self.level_embed is not None:
+            x = x + self.level_embed(self.levels[pos]).to(x.dtype)
+        return x
+
+    def _rope_at(self, pos: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if self.rope is None else self.rope[pos]
 
     def attention_mask(self, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """The block rule as a boolean "may attend" mask (T, L) for queries at the given
@@ -249,7 +297,7 @@ class ARModel(nn.Module):
         prefix, vector = self.condition(cond)
         x = torch.cat([prefix, self.inputs.teacher_forced(self, seq, vector)], dim=1)  # (B, L, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
-        h = self.transformer(x, self.rope[: x.shape[1]], self.attention_mask(),
+        h = self.transformer(x, self._rope_at(slice(0, x.shape[1])), self.attention_mask(),
                              ada=self.modulation(cond, t))  # (B, L, D)
         return h[:, self.inputs.out_positions]
 
@@ -273,7 +321,7 @@ class ARModel(nn.Module):
     # ----------------------------------------------------------------- inference
 
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
-        self.transformer.setup_cache(batch, self.length, dtype or self.dtype, self.rope.device)
+        self.transformer.setup_cache(batch, self.length, dtype or self.dtype, self.levels.device)
 
     def clear_cache(self) -> None:
         self.transformer.clear_cache()
@@ -283,7 +331,7 @@ class ARModel(nn.Module):
         their hidden states (B, T, D). Positions stay on the device: no host sync. ada: the
         adaLN input (vectors (B, S, D), index (T,) | None) of adaLN models."""
         x = self._with_pos(x, positions)
-        return self.transformer(x, self.rope[positions], self.attention_mask(positions),
+        return self.transformer(x, self._rope_at(positions), self.attention_mask(positions),
                                 positions, ada)
 
     def prefill(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -304,6 +352,8 @@ def input_kind(m: ModelConfig) -> str:
         return m.inputs
     if m.head == "flow":
         return "flow"
+    if m.order == "scale":
+        return "next_scale"
     return "next_token" if m.order == "raster" else "next_group"
 
 
@@ -329,6 +379,7 @@ def transformer_args(m: ModelConfig) -> TransformerArgs:
         resid_dropout=m.resid_dropout,
         ffn_dropout=m.ffn_dropout,
         attn_dropout=b.attn_dropout,
+        drop_path=b.drop_path,
         block_norm=b.block_norm,
         block_norm_affine=b.block_norm_affine,
         ffn=b.ffn,
@@ -356,4 +407,9 @@ AR_SIZES: dict[str, dict[str, int]] = {
     "xAR-B": dict(dim=768, n_layer=16, n_head=12),  # 173M
     "xAR-L": dict(dim=1024, n_layer=32, n_head=16),  # 608M
     "xAR-H": dict(dim=1280, n_layer=40, n_head=16),  # 1.19B
+    # VAR's shapes (width 64 x depth, a head per layer); parameters with its backbone
+    "VAR-d16": dict(dim=1024, n_layer=16, n_head=16),  # 310M
+    "VAR-d20": dict(dim=1280, n_layer=20, n_head=20),  # 600M
+    "VAR-d24": dict(dim=1536, n_layer=24, n_head=24),  # 1.03B
+    "VAR-d30": dict(dim=1920, n_layer=30, n_head=30),  # 2.01B
 }

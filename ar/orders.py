@@ -15,6 +15,9 @@ Orders are pure index maps on the CPU: no parameters. The attention rule built f
     subsample s   s x s offsets in raster order; step j is the strided sub-grid of offset j
                   (every s-th row and column): each step spans the whole image
     whole         the whole grid in one step
+    scale         a coarse-to-fine pyramid of code maps (VAR's next-scale): step k is the
+                  whole pn_k x pn_k map of scale k; the sequence is every scale's codes, the
+                  multi-scale tokenizer's own layout, so it is not a permutation of one grid
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Order:
 
     def __init__(self, grid_h: int, grid_w: int):
         self.grid_h, self.grid_w = grid_h, grid_w
-        self.num_tokens = grid_h * grid_w
+        self.num_tokens = self.sequence_length()
         perm, sizes = self.layout()
         if sorted(perm.tolist()) != list(range(self.num_tokens)) or sum(sizes) != self.num_tokens:
             raise ValueError(f"order {self.name} does not give a permutation of the grid")
@@ -46,6 +49,10 @@ class Order:
     def layout(self) -> tuple[torch.Tensor, list[int]]:
         """(perm (N,), tokens per step)."""
         raise NotImplementedError
+
+    def sequence_length(self) -> int:
+        """N: elements of the sequence (the grid's tokens for every order but scale)."""
+        return self.grid_h * self.grid_w
 
     @property
     def group_size(self) -> int:
@@ -146,16 +153,68 @@ class WholeOrder(Order):
         return torch.arange(self.num_tokens, device=CPU), [self.num_tokens]
 
 
+class ScaleOrder(Order):
+    """Every scale's code map, coarse to fine, each row-major: VAR's next-scale. Codes come as
+    the multi-scale tokenizer stores them, (B, L) with L = sum of pn_k^2, which is already the
+    sequence, so `to_sequence` and `to_grid` keep that layout. Grid coordinates (for RoPE) are
+    the cell centres of each scale in the finest grid's units, so that a coarse token sits
+    where the fine tokens it summarises do."""
+
+    name = "scale"
+
+    def __init__(self, grid_h: int, grid_w: int, scales: list[int]):
+        scales = list(scales)
+        if not scales or grid_h != grid_w or scales[-1] != grid_h \
+                or any(a >= b for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+            raise ValueError(f"model.order=scale needs the scale schedule of a multi-scale "
+                             f"tokenizer (increasing sides ending at the {grid_h}x{grid_w} grid); "
+                             f"got {scales}: train on a multi-scale (msvq) code cache")
+        self.scales = scales
+        super().__init__(grid_h, grid_w)
+
+    def sequence_length(self) -> int:
+        return sum(p * p for p in self.scales)
+
+    def layout(self):
+        return torch.arange(self.num_tokens, device=CPU), [p * p for p in self.scales]
+
+    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dim() != 2 or codes.shape[1] != self.num_tokens:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: the scale order over "
+                             f"{self.scales} needs every scale's codes, (B, {self.num_tokens}); "
+                             f"a single-grid code cache trains the other orders")
+        return codes
+
+    def to_grid(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq  # (B, L): what the multi-scale tokenizer decodes
+
+    def coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = [], []
+        for p in self.scales:
+            centre = (torch.arange(p, dtype=torch.float64, device=CPU) + 0.5) * self.grid_h / p - 0.5
+            rows.append(centre.repeat_interleave(p))  # (p*p,) row-major
+            cols.append(centre.repeat(p))
+        return torch.cat(rows), torch.cat(cols)
+
+    def __repr__(self) -> str:
+        return f"scale({'-'.join(map(str, self.scales))}: {self.num_steps} steps, {self.num_tokens} tokens)"
+
+
 ORDERS: dict[str, type[Order]] = {"raster": RasterOrder, "cell": CellOrder,
-                                  "subsample": SubsampleOrder, "whole": WholeOrder}
+                                  "subsample": SubsampleOrder, "whole": WholeOrder,
+                                  "scale": ScaleOrder}
 
 
-def make_order(name: str, grid_h: int, grid_w: int, cell: int = 2, subsample: int = 2) -> Order:
-    """An order by registry name, with its size parameter where it has one."""
+def make_order(name: str, grid_h: int, grid_w: int, cell: int = 2, subsample: int = 2,
+               scales: list[int] | None = None) -> Order:
+    """An order by registry name, with its size parameter where it has one (the scale order's
+    schedule is the tokenizer's)."""
     if name not in ORDERS:
         raise ValueError(f"model.order={name!r}; choose one of {sorted(ORDERS)}")
     if name == "cell":
         return CellOrder(grid_h, grid_w, cell)
     if name == "subsample":
         return SubsampleOrder(grid_h, grid_w, subsample)
+    if name == "scale":
+        return ScaleOrder(grid_h, grid_w, scales or [])
     return ORDERS[name](grid_h, grid_w)

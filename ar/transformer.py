@@ -65,6 +65,7 @@ class TransformerArgs:
     resid_dropout: float = 0.0
     ffn_dropout: float = 0.0
     attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    drop_path: float = 0.0  # stochastic depth: a residual branch dropped per sample, rate rising linearly to this at the last block (VAR)
     block_norm: str = "rms"  # the blocks' norm: rms (RMSNorm) | layer (LayerNorm)
     block_norm_affine: bool = True  # a learned weight in the blocks' norms
     ffn: str = "gated"  # feed-forward: gated (w2(act(w1 x) * w3 x)) | mlp (w2(act(w1 x)))
@@ -87,13 +88,15 @@ class TransformerArgs:
 #                                   Helpers                                      #
 ##################################################################################
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs of x by the angles tabulated in `rope`.
 
-    x: (B, T, H, Dh); rope: (T, Dh/2, 2) holding (cos, sin), or (B, T, Dh/2, 2). A zero row
-    (LlamaGen's table at condition positions) zeroes q/k there. Done in float32, as rotations
-    of large angles in bf16 lose the position information.
+    x: (B, T, H, Dh); rope: (T, Dh/2, 2) holding (cos, sin), or (B, T, Dh/2, 2), or None (no
+    rotary embedding: VAR). A zero row (LlamaGen's table at condition positions) zeroes q/k
+    there. Done in float32, as rotations of large angles in bf16 lose the position information.
     """
+    if rope is None:
+        return x
     xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, Dh/2, 2)
     if rope.dim() == 3:
         rope = rope.unsqueeze(0)
@@ -160,7 +163,7 @@ class Attention(nn.Module):
         # fused projection: H query heads then K key heads then K value heads
         self.wqkv = nn.Linear(a.dim, (a.n_head + 2 * a.n_kv_head) * a.head_dim, bias=a.bias)
         if a.bias and not a.k_bias:  # the key part of the bias stays 0 (VAR's zero_k_bias)
-            keep = torch.ones(self.wqkv.out_features)
+            keep = torch.ones(self.wqkv.out_features, device="cpu")  # real even under a meta build
             keep[a.n_head * a.head_dim:(a.n_head + a.n_kv_head) * a.head_dim] = 0
             self.register_buffer("bias_keep", keep, persistent=False)
         else:
@@ -231,9 +234,19 @@ def modulation_of(layer: nn.Module, ada) -> list[torch.Tensor]:
     return list(mod.chunk(6, dim=-1))  # gamma1, gamma2, scale1, scale2, shift1, shift2
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the whole branch of each sample with probability `rate`, scale
+    the kept ones by 1 / (1 - rate) (training only)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= rate  # (B, 1, 1)
+    return x * keep.to(x.dtype) / (1 - rate)
+
+
 class Block(nn.Module):
-    def __init__(self, a: TransformerArgs):
+    def __init__(self, a: TransformerArgs, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = drop_rate  # this block's stochastic-depth rate
         norm = NORMS[a.block_norm]
         self.attention_norm = norm(a.dim, a.norm_eps, a.block_norm_affine)
         self.attention = Attention(a)
@@ -242,12 +255,13 @@ class Block(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim)) if a.adaln else None
 
     def forward(self, x, rope, mask, pos, ada=None):
+        drop = partial(drop_path, rate=self.drop_rate, training=self.training)
         if self.modulation is None:
-            x = x + self.attention(self.attention_norm(x), rope, mask, pos)
-            return x + self.feed_forward(self.ffn_norm(x))
+            x = x + drop(self.attention(self.attention_norm(x), rope, mask, pos))
+            return x + drop(self.feed_forward(self.ffn_norm(x)))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation_of(self.modulation, ada)
-        x = x + gamma1 * self.attention(self.attention_norm(x) * (1 + scale1) + shift1, rope, mask, pos)
-        return x + gamma2 * self.feed_forward(self.ffn_norm(x) * (1 + scale2) + shift2)
+        x = x + drop(gamma1 * self.attention(self.attention_norm(x) * (1 + scale1) + shift1, rope, mask, pos))
+        return x + drop(gamma2 * self.feed_forward(self.ffn_norm(x) * (1 + scale2) + shift2))
 
 
 ##################################################################################
@@ -262,7 +276,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = a
         self.input_norm = RMSNorm(a.dim, a.norm_eps) if a.input_norm else None
-        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        rates = torch.linspace(0, a.drop_path, a.n_layer, device="cpu").tolist()  # timm's and VAR's rule
+        self.layers = nn.ModuleList(Block(a, rate) for rate in rates)
         if a.split:
             self.mid_norm = RMSNorm(a.dim, a.norm_eps)
             self.mid_proj = nn.Linear(a.dim, a.dim)
@@ -276,7 +291,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None, ada=None) -> torch.Tensor:
-        """x (B, T, D); rope (T, Dh/2, 2); mask: None for plain causal attention over x,
+        """x (B, T, D); rope (T, Dh/2, 2) or None; mask: None for plain causal attention over x,
         else a boolean (T, L) "may attend" mask (L = T, or the cache capacity when cached);
         pos (T,): the sequence positions of x; given, the layers read and write their KV
         cache (inference); None, attention covers x alone (training) from position 0.

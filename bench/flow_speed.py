@@ -16,7 +16,6 @@ cfg on); on CPUs this bench uses a smaller width so the table finishes in minute
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.conditioning import ClassCondition  # noqa: E402
 from ar.model import ARModel, BackboneConfig, GeneratorSpec, ModelConfig, transformer_args  # noqa: E402
-from bench.report import device_label, print_table  # noqa: E402
+from bench.report import device_label, print_table, seconds_per_call  # noqa: E402
 from common import precision  # noqa: E402
 from common.config import parse_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
@@ -96,19 +95,7 @@ def main(cfg: FlowBenchConfig) -> list[dict]:
 def time_batch(model, batch: int, settings, device, repeats: int) -> float:
     cond = ClassCondition(torch.arange(batch, device=device) % 1000)
     ids = torch.arange(batch, device=device)
-
-    def run():
-        return generate_flow(model, cond, ids, 0, settings)
-
-    run()  # warm-up: allocations, the cache
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return seconds_per_call(lambda: generate_flow(model, cond, ids, 0, settings), device, repeats)
 
 
 if __name__ == "__main__":

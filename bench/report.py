@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence, Union
 
 import torch
@@ -22,3 +23,17 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, int, Cell, st
     for r in rows:
         print(" ".join(f"{(cell(r) if callable(cell) else r[cell]):>{width}{spec}}"
                        for _, width, cell, spec in columns))
+
+
+def seconds_per_call(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Mean wall time of `run()` over `repeats` calls after one warm-up call (allocations,
+    caches, compilation), with the GPU synchronised around the timed calls."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats

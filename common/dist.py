@@ -79,6 +79,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def cleanup() -> None:
     if is_distributed():
+        # every rank reaches the end before the group goes: gloo aborts a process whose peer
+        # tears down while it is still in a collective ("terminate called without an active
+        # exception", seen once in a two-process test)
+        dist.barrier()
         dist.destroy_process_group()
 
 

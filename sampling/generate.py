@@ -73,20 +73,20 @@ def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
     extend_fn = extend_fn or extend
     keys = noise.image_keys(seed, image_ids.to(device))
     elements = torch.arange(order.num_tokens, device=device)  # noise counters: sequence indices
-    seq = torch.empty(len(cond), order.num_tokens, dtype=torch.long, device=device)
+    # every row's tokens; the unconditional CFG rows are fed the same (guided) tokens
+    seq = torch.zeros(len(rows), order.num_tokens, dtype=torch.long, device=device)  # (R, N)
+    copies = len(rows) // len(cond)
 
     model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
     h, vector = model.prefill(rows)  # (R, P, D)
     ada = model.modulation(rows)  # adaLN models: the class vector of every row; else None
-    prev = None
     for s in tqdm(range(order.num_steps), desc="steps", leave=False, disable=not progress):
-        fed = inputs.step(model, s, prev, vector, len(rows))
+        fed = inputs.step(model, s, seq, vector, len(rows))
         if fed is not None:
             h = extend_fn(model, *fed, ada)  # (R, T, D)
         lo, hi = order.span(s)
         scale = scale_at(settings, s, order.num_steps) if guided else None
         uniform = noise.uniform_elements(keys, elements[lo:hi], model.head.vocab_size)
         tokens = model.head.draw(h[:, h.shape[1] - (hi - lo):], scale, settings, uniform)  # (B, G)
-        seq[:, lo:hi] = tokens
-        prev = torch.cat([tokens, tokens]) if guided else tokens
-    return order.to_grid(seq)
+        seq[:, lo:hi] = tokens.repeat(copies, 1)
+    return order.to_grid(seq[:len(cond)])

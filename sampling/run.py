@@ -96,6 +96,10 @@ def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
                         f"{spec.latent_channels}")
     elif not flow and tokenizer.codebook_size != spec.vocab_size:
         problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
+    scales = list(spec.multiscale.patch_nums)
+    if scales != list(getattr(tokenizer, "patch_nums", [])):
+        problems.append(f"scale schedule {getattr(tokenizer, 'patch_nums', 'none (one grid)')} vs "
+                        f"the generator's {scales or 'none (one grid)'}")
     if grid != (spec.grid_h, spec.grid_w):
         problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "
                         f"generator's {spec.grid_h}x{spec.grid_w}")

@@ -2,9 +2,11 @@
 
     make quickstart            (or: .venv/bin/python scripts/quickstart.py)
     make quickstart-flow       (or: .venv/bin/python scripts/quickstart.py flow)
+    make quickstart-scale      (or: .venv/bin/python scripts/quickstart.py scale)
 
 `token` (the default): a VQ tokenizer and a next-token generator over its codes (LlamaGen's
 method). `flow`: a KL VAE and a next-cell flow-matching generator over its latents (xAR's).
+`scale`: a multi-scale residual VQ and a next-scale generator over its code pyramids (VAR's).
 
 Each stage is the same command a user runs by hand (printed before it runs, and given in the
 README, which a test keeps equal to PIPELINES), so this file is also the pipeline's shortest
@@ -58,11 +60,14 @@ def stages(run: str, tokenizer: str, weights: str, encoded: str, suffix: str) ->
     ]
 
 
-# name -> (run folder, stages): token = VQ + next-token (LlamaGen), flow = KL VAE + next-cell flow (xAR)
+# name -> (run folder, stages): token = VQ + next-token (LlamaGen), flow = KL VAE + next-cell flow
+# (xAR), scale = multi-scale VQ + next-scale (VAR)
 PIPELINES = {
     "token": ("runs/quickstart", stages("runs/quickstart", "quickstart", "vq", "codes", "")),
     "flow": ("runs/quickstart_flow", stages("runs/quickstart_flow", "kl_quickstart", "kl", "latents",
                                             "_flow")),
+    "scale": ("runs/quickstart_scale", stages("runs/quickstart_scale", "msvq_quickstart", "msvq",
+                                              "codes", "_scale")),
 }
 RUN, STAGES = PIPELINES["token"]
 

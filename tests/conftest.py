@@ -46,8 +46,7 @@ def cached_logits(model: ARModel, seq: torch.Tensor, cond) -> torch.Tensor:
     ada = model.modulation(cond)
     steps = []
     for s in range(order.num_steps):
-        prev = seq[:, slice(*order.span(s - 1))] if s else None
-        fed = model.inputs.step(model, s, prev, vector, rows)
+        fed = model.inputs.step(model, s, seq, vector, rows)
         if fed is not None:
             h = model.extend(*fed, ada)
         lo, hi = order.span(s)
@@ -98,7 +97,7 @@ def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, cla
         np.save(path / labels_file, labels[sl].astype(np.int64))
         shards.append({"codes": codes_file, "labels": labels_file, "count": sl.stop - sl.start})
     tok = {"name": "vq", "path": tokenizer_path, "sha256": tokenizer_sha, "config": {}}
-    meta = make_meta(tok, grid * 4, (grid, grid), vocab, labels, [f"c{i}" for i in range(classes)],
+    meta = make_meta(tok, grid * 4, (grid, grid), {"kind": "discrete", "codebook_size": vocab}, labels, [f"c{i}" for i in range(classes)],
                      shards, False, str(path), [])
     (path / "meta.json").write_text(json.dumps(meta))
     return path

@@ -60,8 +60,8 @@ def make_latent_cache(path: Path, n: int = 20, channels: int = 2, grid: int = 2,
         np.save(path / label_file, labels[sl].astype(np.int64))
         shards.append({"moments": data, "labels": label_file, "count": sl.stop - sl.start})
     tok = {"name": "kl", "path": "", "sha256": "", "config": {}}
-    meta = make_meta(tok, grid * 4, (grid, grid), None, labels, ["a", "b"], shards, False, str(path),
-                     [], latent={"channels": channels, "latent_scale": scale, "latent_shift": shift})
+    facts = {"kind": "continuous", "channels": channels, "latent_scale": scale, "latent_shift": shift}
+    meta = make_meta(tok, grid * 4, (grid, grid), facts, labels, ["a", "b"], shards, False, str(path), [])
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -174,7 +174,7 @@ def test_kind_mismatches_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"kind": "fuzzy"}, "kind 'fuzzy' is neither"),
+    ({"kind": "fuzzy"}, "kind 'fuzzy' is not one of"),
     ({"latent_scale": 0}, "latent_scale=0 is not valid for a continuous cache"),
     ({"channels": None}, "channels=None is not valid"),
 ])

@@ -47,6 +47,20 @@ def test_recipes_follow_xar_protocol(size):
     assert (s.cfg_schedule, s.flow_sampler, cfg.image_size, cfg.eval_size) == ("linear_full", "sde", 256, 256)
 
 
+# VAR's README: FID per depth; its FID protocol is cfg 1.5 on its ramp (argen's cfg_scale 2.5,
+# linear_full), top-k 900, top-p 0.96, 50 images per class
+VAR = {16: 3.55, 20: 2.95, 24: 2.33, 30: 1.97}
+
+
+@pytest.mark.parametrize("depth", sorted(VAR))
+def test_recipes_follow_var_protocol(depth):
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / f"var-d{depth}.yaml"], REQUIRED)
+    s = cfg.sampling
+    assert (cfg.family, cfg.size, cfg.published_fid) == ("var", f"VAR-d{depth}", VAR[depth])
+    assert (cfg.labels, cfg.num_images, cfg.image_size, cfg.eval_size) == ("balanced", 50000, 256, 256)
+    assert (s.cfg_scale, s.cfg_schedule, s.top_k, s.top_p, s.temperature) == (2.5, "linear_full", 900, 0.96, 1.0)
+
+
 def test_multi_gpu_sampling_goes_through_torchrun():
     cmd = reproduce.sample_command(4, ["out=x"])
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
@@ -166,3 +180,29 @@ def test_end_to_end_on_tiny_xar(tmp_path, extractor):
     assert np.load(out / "samples_32.npz")["arr_0"].shape == (4, 32, 32, 3)
     rows = table.read_text().splitlines()
     assert len(rows) == 3 and "xAR-B" in rows[2] and "SDE 2 steps" in rows[2] and "linear_full" in rows[2]
+
+
+VAR_FIXTURES = FIXTURES.parent / "var"
+
+
+@pytest.mark.skipif(not (VAR_FIXTURES / "var_tiny.pth").is_file(), reason=f"no VAR fixtures beside {FIXTURES}")
+def test_end_to_end_on_tiny_var(tmp_path, extractor):
+    """VAR + its VQVAE from their release layouts: convert (with the fixture's 4-scale schedule),
+    sample next-scale with top-k/top-p and VAR's CFG ramp, score, row. 4 x 4 latents: 64 px."""
+    ref = tmp_path / "ref.npz"
+    real = np.random.default_rng(1).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    make_reference(real, ref, extractor=extractor, progress=False)
+    out, table = tmp_path / "run", tmp_path / "results.md"
+    args = [f"ckpt={VAR_FIXTURES / 'var_tiny.pth'}", f"tokenizer_ckpt={VAR_FIXTURES / 'var_vqvae_tiny.pth'}",
+            f"ref={ref}", f"out={out}", f"table={table}", "image_size=64", "eval_size=64", "num_images=4",
+            "batch_size=2", "shard_size=2", "device=cpu", "nproc=1", "metrics=[fid]", "patch_nums=[1,2,3,4]",
+            "sampling.top_k=10"]
+    with pytest.raises(ValueError, match="not VAR-d16"):  # the config is for VAR-d16
+        reproduce.main(load_config(reproduce.ReproduceConfig, [CONFIGS / "var-d16.yaml"], args), extractor)
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "var-d16.yaml"], args + ["size=''"])
+    result = reproduce.main(cfg, extractor)
+    assert np.isfinite(result["metrics"]["fid"])
+    assert result["reproduce"]["checkpoint"]["file"] == "var_tiny.pth"
+    assert np.load(out / "samples_64.npz")["arr_0"].shape == (4, 64, 64, 3)
+    rows = table.read_text().splitlines()
+    assert len(rows) == 3 and "VAR-d16" in rows[2] and "top-k 10, top-p 0.96" in rows[2] and "linear_full" in rows[2]

@@ -17,8 +17,9 @@ from ar.conditioning import ClassCondition
 from ar.model import BackboneConfig, ModelConfig, transformer_args
 from ar.transformer import Transformer
 from common.config import ConfigError
-from conftest import FIXTURES, cached_logits, make_image_folder, tiny_model
-from convert.var import VQVAEConvertConfig, convert_vqvae, infer_vqvae_config, main, vqvae_key_table
+from conftest import FIXTURES, cached_logits, tiny_model
+from convert.var import main
+from convert.var_vqvae import VQVAEConvertConfig, convert_vqvae, infer_vqvae_config, vqvae_key_table
 from sampling.generate import SamplingConfig, generate
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.msvq import MSVQConfig, MSVQModel, phi_indices, phi_ticks
@@ -186,20 +187,6 @@ def test_cli_and_bad_checkpoints(tmp_path, vqvae):
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(SystemExit, match=r"1 missing keys: \['decoder.up.1.upsample.conv.bias'\]"):
         main(["vqvae", str(tmp_path / "short.pth"), str(tmp_path / "e.safetensors"), SCALES])
-
-
-def test_pipeline_commands_refuse_it_until_they_support_it(tmp_path):
-    """The code cache and tokenizer training do not handle multi-scale codes yet: named errors."""
-    from tokenizer.encode import main as encode
-    from tokenizer.train import main as train
-
-    weights = save_tokenizer(MSVQModel(tiny_cfg()), tiny_cfg(), tmp_path / "msvq.safetensors")
-    make_image_folder(tmp_path / "data", 8)
-    with pytest.raises(SystemExit, match="multiscale tokenizer, which the cache cannot hold yet"):
-        encode([f"data.root={tmp_path / 'data'}", "data.resolution=8", f"tokenizer={weights}",
-                f"out={tmp_path / 'codes'}", "num_workers=0"])
-    with pytest.raises(ConfigError, match="this command trains"):
-        train(["model.name=msvq", f"data.root={tmp_path / 'data'}"])
 
 
 # ------------------------------------------------------------------------- VAR's block

@@ -1,13 +1,17 @@
 """The cache's format: shard files and their records, meta.json, and its validation.
 
-`tokenizer.encode` writes a cache; `ar.data.CodeCache` (discrete codes) and `ar.data.LatentCache`
-(continuous latents) read one through `read_meta`. Layout of a cache folder:
+`tokenizer.encode` writes a cache; `ar.data.CodeCache` (discrete codes), `ar.data.ScaleCodeCache`
+(per-scale codes) and `ar.data.LatentCache` (continuous latents) read one through `read_meta`.
+Layout of a cache folder:
     meta.json            written last, so its presence means the cache is complete; "kind" is
-                         "discrete" (codebook_size) or "continuous" (channels, latent_scale,
-                         latent_shift: the generator sees (sample - shift) * scale)
+                         "discrete" (codebook_size), "multiscale" (codebook_size, scales: the
+                         side of each scale's code map, coarse to fine) or "continuous"
+                         (channels, latent_scale, latent_shift: the generator sees
+                         (sample - shift) * scale)
     encode_config.json   the settings the folder was made with; a re-run must match them
     codes_KKKKK.npy      discrete: uint16 (n, 2, h*w): variant 0 the image, 1 its horizontal
-                         flip, raster order
+                         flip, raster order; multiscale: uint16 (n, 2, L), every scale's codes
+                         concatenated coarse to fine (L = sum of scales^2), each row-major
     moments_KKKKK.npy    continuous: float16 (n, 2, 2C, h, w): the posterior's mean (C channels)
                          then log-variance (C, unclamped), for the image and its flip
     labels_KKKKK.npy     int64 (n,)
@@ -34,7 +38,7 @@ from dataset.folder import ClassFolderDataset
 FORMAT, VERSION = "argen-code-cache", 1
 VARIANTS = ["original", "hflip"]
 # kind -> the prefix of its data files, which is also their key in meta.json's shard list
-DATA_FILE = {"discrete": "codes", "continuous": "moments"}
+DATA_FILE = {"discrete": "codes", "multiscale": "codes", "continuous": "moments"}
 ENCODE_COMMAND = "python -m tokenizer.encode data.root=... data.resolution=... tokenizer=... out=..."
 
 
@@ -184,11 +188,10 @@ def check_settings(out: Path, settings: dict, is_main: bool) -> bool:
 # ------------------------------------------------------------------------------ meta.json
 
 def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: list[Span],
-               root: str, resolution: int, tok: dict, grid, codebook_size: int | None,
-               latent: dict | None = None) -> tuple[dict, list | None]:
+               root: str, resolution: int, tok: dict, grid, facts: dict) -> tuple[dict, list | None]:
     """meta.json and the captions of the cached images, read from the finished shards on disk
-    (other ranks wrote some of them). `latent`: a continuous cache's facts (see make_meta)."""
-    kind = "continuous" if latent else "discrete"
+    (other ranks wrote some of them). `facts`: the kind and its fields (see make_meta)."""
+    kind = facts["kind"]
     records = [read_record(out, s.k) for s in spans]
     skipped = [e["file"] for r in records for e in r["skipped"]]
     labels = np.concatenate([np.load(out / shard_name(s.k)[1]) for s in spans])
@@ -201,24 +204,21 @@ def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: 
     if dataset.captions is not None:
         gone = set(skipped)
         captions = [c for c, name in zip(dataset.captions, names) if name not in gone]
-    meta = make_meta(tok, resolution, grid, codebook_size, labels, list(dataset.classes), shards,
-                     captions is not None, str(Path(root).resolve()), skipped, latent)
+    meta = make_meta(tok, resolution, grid, facts, labels, list(dataset.classes), shards,
+                     captions is not None, str(Path(root).resolve()), skipped)
     return meta, captions
 
 
-def make_meta(tok: dict, resolution: int, grid, codebook_size: int | None, labels: np.ndarray,
+def make_meta(tok: dict, resolution: int, grid, facts: dict, labels: np.ndarray,
               class_names: list[str], shards: list[dict], has_captions: bool, source: str,
-              skipped: list[str], latent: dict | None = None) -> dict:
+              skipped: list[str]) -> dict:
     """meta.json's content: the one definition of the cache's metadata (the encoder writes it,
-    `read_meta` checks it, tests build caches with it). A discrete cache records its
-    codebook_size; a continuous one (`latent` given) its latent facts instead: {"channels": C,
+    `read_meta` checks it, tests build caches with it). `facts` holds the kind and the fields a
+    reader of that kind needs: {"kind": "discrete", "codebook_size": V}, {"kind": "multiscale",
+    "codebook_size": V, "scales": [pn_0, ...]} or {"kind": "continuous", "channels": C,
     "latent_scale": s, "latent_shift": b}."""
-    facts = {"codebook_size": codebook_size} if latent is None else \
-        {"channels": latent["channels"], "latent_scale": latent["latent_scale"],
-         "latent_shift": latent.get("latent_shift", 0.0)}
-    return {"format": FORMAT, "version": VERSION,
-            "kind": "discrete" if latent is None else "continuous", "tokenizer": tok,
-            "resolution": resolution, "grid": list(grid), **facts, "variants": VARIANTS,
+    return {"format": FORMAT, "version": VERSION, **facts, "tokenizer": tok,
+            "resolution": resolution, "grid": list(grid), "variants": VARIANTS,
             "count": len(labels), "num_classes": len(class_names),
             "class_names": class_names,
             "label_histogram": np.bincount(labels, minlength=len(class_names)).tolist(),
@@ -243,19 +243,25 @@ def write_meta(out: Path, meta: dict, captions: list[str] | None) -> bool:
 
 REQUIRED = ("format", "version", "kind", "tokenizer", "resolution", "grid", "count",
             "num_classes", "class_names", "shards", "variants")
-KIND_FIELDS = {"discrete": ("codebook_size",), "continuous": ("channels", "latent_scale")}
+KIND_FIELDS = {"discrete": ("codebook_size",), "multiscale": ("codebook_size", "scales"),
+               "continuous": ("channels", "latent_scale")}
 
 
 def _check_kind(meta: dict, path: Path) -> None:
     """The kind and the facts a reader of that kind relies on."""
     kind = meta["kind"]
     if kind not in DATA_FILE:
-        raise ValueError(f"{path}: kind {kind!r} is neither 'discrete' nor 'continuous'; "
+        raise ValueError(f"{path}: kind {kind!r} is not one of {sorted(DATA_FILE)}; "
                          f"re-create the cache")
     bad = []
     size = meta.get("codebook_size")
-    if kind == "discrete" and not (isinstance(size, int) and size > 0):
+    if kind != "continuous" and not (isinstance(size, int) and size > 0):
         bad.append(f"codebook_size={meta['codebook_size']!r}")
+    if kind == "multiscale":
+        scales = meta["scales"]
+        if not (isinstance(scales, list) and scales and all(isinstance(p, int) and p > 0 for p in scales)
+                and all(a < b for a, b in zip(scales, scales[1:])) and scales[-1] == meta["grid"][0]):
+            bad.append(f"scales={scales!r} (with grid {meta['grid']})")
     if kind == "continuous":
         if not (isinstance(meta["channels"], int) and meta["channels"] > 0):
             bad.append(f"channels={meta['channels']!r}")

@@ -1,5 +1,6 @@
 """Cache a dataset's tokenizer outputs (image + horizontal flip) for generator training: codes
-for a discrete (VQ) tokenizer, the posterior's moments in float16 for a continuous (KL) one.
+for a discrete (VQ) tokenizer, every scale's codes for a multi-scale one (VAR's VQVAE), the
+posterior's moments in float16 for a continuous (KL) one.
 
     python -m tokenizer.encode data.root=DIR data.resolution=32 tokenizer=RUN/vq.safetensors out=DIR
     python -m tokenizer.encode ... tokenizer=RUN/kl.safetensors out=DIR   (or a diffusers VAE folder)
@@ -105,17 +106,20 @@ def bad_image_error(message: str) -> ImageReadError:
 
 
 def item_layout(model, grid) -> tuple[tuple, type]:
-    """(shape, dtype) of one variant of one image in the cache: (h*w,) uint16 codes, or the
-    posterior's (2C, h, w) moments in float16 (half the bytes; the mean keeps ~3 digits)."""
+    """(shape, dtype) of one variant of one image in the cache: (h*w,) uint16 codes, (L,) uint16
+    codes of all scales, or the posterior's (2C, h, w) moments in float16 (half the bytes; the
+    mean keeps ~3 digits)."""
     if model.kind == "discrete":
         return (grid[0] * grid[1],), np.uint16
+    if model.kind == "multiscale":
+        return (model.seq_len,), np.uint16
     return (2 * model.latent_channels, *grid), np.float16
 
 
 def encode_both(model, x: torch.Tensor, dtype) -> np.ndarray:
     """(B, 2, ...) cache entries of the images and their mirror images."""
     both = torch.cat([x, x.flip(-1)])
-    out = model.encode(both).flatten(1) if model.kind == "discrete" else model.moments(both)
+    out = model.moments(both) if model.kind == "continuous" else model.encode(both).flatten(1)
     out = out.view(2, len(x), *out.shape[1:]).transpose(0, 1)  # (B, 2, ...): originals, flips
     return out.cpu().numpy().astype(dtype)
 
@@ -172,9 +176,6 @@ def encode_shards(model, dataset: ClassFolderDataset, names: list[str], spans: l
 
 def load_cache_tokenizer(weights: Path, device):
     model = load_tokenizer(weights, device=device)
-    if model.kind not in ("discrete", "continuous"):  # e.g. VAR's multi-scale VQ, not cached yet
-        raise ValueError(f"tokenizer={weights} is a {model.kind} tokenizer, which the cache "
-                         f"cannot hold yet; encode with a VQ or KL tokenizer")
     if model.kind == "continuous":
         if model.cfg.latent_scale <= 0:  # meta.json must tell the data stream the scale
             raise ValueError(f"tokenizer={weights} has latent_scale {model.cfg.latent_scale}; "
@@ -222,8 +223,10 @@ def run(cfg: EncodeConfig) -> dict:
                              skip_ok=cfg.skip_bad_images, kind=model.kind)
     todo = [s for s in spans if not done(s)]
     mine = [s for s in todo if s.k % info.world_size == info.rank]
-    what = f"codebook {model.codebook_size}" if model.kind == "discrete" else \
-        f"{model.latent_channels}-channel latents (moments in float16)"
+    what = f"{model.latent_channels}-channel latents (moments in float16)" \
+        if model.kind == "continuous" else f"codebook {model.codebook_size}"
+    if model.kind == "multiscale":
+        what += f", scales {model.patch_nums}"
     log.info(f"{dataset}: {len(spans)} shards, {len(spans) - len(todo)} already done; "
              f"grid {grid[0]}x{grid[1]}, {what}")
     encode_shards(model, dataset, names, mine, settings, cfg, info.device, layout,
@@ -245,12 +248,13 @@ def tokenizer_identity(weights: Path, sha: str) -> dict:
             "config": dataclasses.asdict(tcfg)}
 
 
-def latent_facts(model) -> dict | None:
-    """What a continuous cache's meta.json records about its latents (None: a discrete one)."""
-    if model.kind == "discrete":
-        return None
-    return {"channels": model.latent_channels, "latent_scale": model.cfg.latent_scale,
-            "latent_shift": model.cfg.latent_shift}
+def cache_facts(model) -> dict:
+    """The kind of cache the tokenizer makes and what meta.json records about its codes."""
+    if model.kind == "continuous":
+        return {"kind": "continuous", "channels": model.latent_channels,
+                "latent_scale": model.cfg.latent_scale, "latent_shift": model.cfg.latent_shift}
+    facts = {"kind": model.kind, "codebook_size": model.codebook_size}
+    return {**facts, "scales": list(model.patch_nums)} if model.kind == "multiscale" else facts
 
 
 def finish(out: Path, dataset, names, spans, cfg, tok, grid, model, done,
@@ -261,15 +265,16 @@ def finish(out: Path, dataset, names, spans, cfg, tok, grid, model, done,
         raise RuntimeError(f"shards {missing} of {out} are missing after encoding (did a rank "
                            f"fail?); re-run the same command to finish them")
     meta, captions = build_meta(out, dataset, names, spans, cfg.data.root, cfg.data.resolution,
-                                tok, grid, model.codebook_size, latent_facts(model))
+                                tok, grid, cache_facts(model))
     changed = write_meta(out, meta, captions)
     skipped = f" ({len(meta['skipped'])} unreadable images skipped)" if meta["skipped"] else ""
     if nothing_done and not changed:
-        kind = "code" if model.kind == "discrete" else "latent"
+        kind = "latent" if model.kind == "continuous" else "code"
         log.info(f"{kind} cache {out} already complete: {meta['count']} images in {len(spans)} "
                  f"shards{skipped}; nothing to do")
     else:
-        what = "code grids" if model.kind == "discrete" else "posteriors"
+        what = {"discrete": "code grids", "multiscale": "code pyramids",
+                "continuous": "posteriors"}[model.kind]
         log.info(f"wrote {meta['count']} x {len(VARIANTS)} {what} in {len(spans)} shards "
                  f"to {out}{skipped}")
     return meta

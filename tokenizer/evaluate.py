@@ -1,11 +1,12 @@
-"""A tokenizer's evaluation after training: PSNR of reconstructions, codebook usage (VQ) or
-the posterior's statistics and the latent scale they suggest (KL), the reconstruction grid,
-and the reconstruction FID (rFID). Used by tokenizer/train.py.
+"""A tokenizer's evaluation after training: PSNR of reconstructions, codebook usage (VQ; per
+scale for the multi-scale VQ) or the posterior's statistics and the latent scale they suggest
+(KL), the reconstruction grid, the reconstruction FID (rFID), and what the summary says of
+them. Used by tokenizer/train.py.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from torch.utils.data import DataLoader
 
 from dataset.images import save_png, to_uint8
 from tokenizer.kl_loss import LatentStats
+from tokenizer.msvq_train import rounded, usage_per_scale
+from tokenizer.vq import code_usage
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -24,10 +27,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class CodeUsage:
-    """Evaluation of a VQ: reconstructions through the codebook, and the codes' histogram."""
+    """Evaluation of a VQ: reconstructions through the codebook, and the codes' histogram
+    (one row per scale for the multi-scale VQ)."""
 
     def __init__(self, raw):
-        self.counts = torch.zeros(raw.codebook_size, dtype=torch.long)
+        rows = (len(raw.patch_nums),) if raw.kind == "multiscale" else ()
+        self.counts = torch.zeros(rows + (raw.codebook_size,), dtype=torch.long)
 
     def reconstruct(self, raw, x: torch.Tensor) -> torch.Tensor:
         recon, _, stats = raw(x)
@@ -35,9 +40,10 @@ class CodeUsage:
         return recon
 
     def result(self) -> dict:
-        p = self.counts.float() / self.counts.sum()
-        return {"usage": (self.counts > 0).float().mean().item(),
-                "perplexity": math.exp(-(p * p.clamp_min(1e-10).log()).sum().item())}
+        out = {k: v.item() for k, v in code_usage(self.counts).items()}
+        if self.counts.dim() == 2:
+            out["usage_per_scale"] = usage_per_scale(self.counts).tolist()
+        return out
 
 
 class LatentEval(LatentStats):
@@ -78,6 +84,41 @@ def evaluate(raw, dataset, n: int, device, out_dir: Path, keep_images: bool = Fa
     if keep_images:
         result["originals"], result["recons"] = np.concatenate(originals), np.concatenate(recons)
     return result
+
+
+def export_config(cfg, ev: dict):
+    """The config the weights are exported with: a KL run asked to measure its latent scale
+    (model.latent_scale=0) stores 1/std of its posterior samples on the evaluation images."""
+    if cfg.model.name == "kl" and cfg.model.latent_scale == 0:
+        return dataclasses.replace(cfg.model, latent_scale=round(ev["latent_scale_measured"], 5))
+    return cfg.model
+
+
+def family_summary(cfg, raw, ev: dict, model_cfg) -> dict:
+    """The summary.json entries of the tokenizer's family, from its evaluation."""
+    t = cfg.train
+    if raw.kind == "continuous":
+        return {**{k: round(ev[k], 5) for k in ("latent_mean", "latent_std", "latent_sample_std",
+                                                "latent_scale_measured")},
+                "latent_scale": model_cfg.latent_scale, "latent_channels": raw.latent_channels,
+                "kl_weight": t.kl_weight}
+    q = raw.quantize
+    per_scale = {} if raw.kind != "multiscale" else {
+        "patch_nums": list(cfg.model.patch_nums), "usage_per_scale": rounded(ev["usage_per_scale"]),
+        "usage_window_per_scale": rounded(q.seen(t.usage_window).float().mean(1))}
+    return {"usage_eval": round(ev["usage"], 4), "perplexity_eval": round(ev["perplexity"], 2),
+            "usage_window": round(q.window_usage(t.usage_window), 4),
+            "codebook_size": cfg.model.codebook_size, **per_scale}
+
+
+def family_text(raw, ev: dict, summary: dict, t) -> str:
+    """The family's part of the final log line."""
+    if raw.kind == "continuous":
+        return (f"latent std {ev['latent_sample_std']:.4g} (samples), latent_scale "
+                f"{summary['latent_scale']}")
+    per_scale = f", per scale {summary['usage_per_scale']}" if raw.kind == "multiscale" else ""
+    return (f"codebook usage {ev['usage']:.1%} (eval{per_scale}) / {summary['usage_window']:.1%} "
+            f"(last {t.usage_window} batches)")
 
 
 def save_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, cols: int = 8) -> None:

@@ -4,7 +4,7 @@ code maps over a scale schedule `patch_nums`, which VAR's next-scale generator p
 Follows FoundationVision/VAR models/vqvae.py, models/quant.py and models/basic_vae.py (commit
 78b9539); written anew. Encoder/decoder parameter names equal VAR's; the phi convolutions,
 which VAR keeps under three layouts (`quant_resi.qresi`, `quant_resi.{k}`,
-`quant_resi.qresi_ls.{k}`), are one list `quantize.phi.{k}` here (convert/var.py maps them).
+`quant_resi.qresi_ls.{k}`), are one list `quantize.phi.{k}` here (convert/var_vqvae.py maps them).
 VAR's persistent buffer `quantize.ema_vocab_hit_SV` (an EMA of code hits per scale, a training
 statistic that inference never reads) is not kept: the converter checks its row count against
 the scale schedule and drops it.
@@ -26,7 +26,9 @@ from torch import nn
 
 from common.config import ConfigError, check_fields
 from tokenizer.base import ImageTokenizer
-from tokenizer.vq import Downsample, ResnetBlock, Upsample, init_convs_and_norms, run_level
+from tokenizer.msvq_train import scale_code_stats
+from tokenizer.msvq_nets import Decoder, Encoder
+from tokenizer.vq import ChannelNorm, CodeTracker, init_convs_and_norms
 
 RELEASE_PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's 256px schedule (L = 680)
 
@@ -43,6 +45,8 @@ class MSVQConfig:
     patch_nums: list[int] = field(default_factory=lambda: list(RELEASE_PATCH_NUMS))  # side of each scale's code map, coarse to fine; the last is the latent side
     quant_resi: float = 0.5  # r of phi(x) = (1 - r) x + r conv3x3(x); 0: no phi convolutions
     share_quant_resi: int = 4  # phi convolutions: 1 = one shared, 0 = one per scale, K >= 2 = K spread over the scales
+    commit_beta: float = 0.25  # training: weight of the commitment loss (VAR's beta); unused by inference
+    local_encoder: bool = False  # the VQ's local encoder instead of VAR's (tokenizer/msvq_nets.py); VAR's release: false
 
     def validate(self) -> None:
         if self.ch % 32:
@@ -53,7 +57,7 @@ class MSVQConfig:
             raise ConfigError(f"model.codebook_size={self.codebook_size} must be at least 2")
         check_fields(self, "model.", {"codebook_dim": ">= 1", "num_res_blocks": ">= 1",
                                       "dropout": "[0, 1)", "quant_resi": "[0, 1]",
-                                      "share_quant_resi": ">= 0"})
+                                      "share_quant_resi": ">= 0", "commit_beta": ">= 0"})
         pn = list(self.patch_nums)
         if not pn or min(pn) < 1 or any(a >= b for a, b in zip(pn, pn[1:])):
             raise ConfigError(f"model.patch_nums={pn} must be positive and strictly increasing "
@@ -61,10 +65,6 @@ class MSVQConfig:
 
 
 # ---------------------------------------------------------------- helpers
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
-
 
 def phi_count(cfg: MSVQConfig) -> int:
     """How many phi convolutions the config has."""
@@ -102,104 +102,9 @@ def bicubic(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
 
 
-# ---------------------------------------------------------------- blocks
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions, q/k/v from one fused 1x1 conv (VAR's)."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = _norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj_out = nn.Conv2d(c, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, HW)
-        # explicit matmuls in VAR's order (not SDPA) so features match the release bit for bit
-        w = torch.bmm(q.transpose(1, 2), k) * C ** -0.5  # (B, HW query, HW key)
-        w = w.softmax(dim=2)
-        h = torch.bmm(v, w.transpose(1, 2)).view(B, C, H, W)  # (B, C, HW query)
-        return x + self.proj_out(h)
-
-
-def _mid(c: int, dropout: float) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1 = ResnetBlock(c, c, dropout), AttnBlock(c)
-    mid.block_2 = ResnetBlock(c, c, dropout)
-    return mid
-
-
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: MSVQConfig):
-        super().__init__()
-        ch, n = cfg.ch, len(cfg.ch_mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        c = ch
-        for i, m in enumerate(cfg.ch_mult):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(c, ch * m, cfg.dropout))
-                c = ch * m
-                if i == n - 1:  # attention only at the lowest resolution
-                    level.attn.append(AttnBlock(c))
-            if i != n - 1:
-                level.downsample = Downsample(c)
-            self.down.append(level)
-        self.mid = _mid(c, cfg.dropout)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.codebook_dim, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = run_level(level.block, level.attn, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: MSVQConfig):
-        super().__init__()
-        ch, n = cfg.ch, len(cfg.ch_mult)
-        c = ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.codebook_dim, c, 3, padding=1)
-        self.mid = _mid(c, cfg.dropout)
-        levels = []
-        for i in reversed(range(n)):  # built lowest resolution first; up[i] is level i
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(c, ch * cfg.ch_mult[i], cfg.dropout))
-                c = ch * cfg.ch_mult[i]
-                if i == n - 1:
-                    level.attn.append(AttnBlock(c))
-            if i != 0:
-                level.upsample = Upsample(c)
-            levels.insert(0, level)
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):
-            h = run_level(level.block, level.attn, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class MultiScaleQuantizer(nn.Module):
-    """The residual quantiser over the scale schedule; one codebook for all scales."""
+class MultiScaleQuantizer(CodeTracker):
+    """The residual quantiser over the scale schedule; one codebook for all scales. Training
+    tracks usage per scale (CodeTracker rows, non-persistent) and restarts dead codes."""
 
     def __init__(self, cfg: MSVQConfig):
         super().__init__()
@@ -210,6 +115,8 @@ class MultiScaleQuantizer(nn.Module):
         self.phi = nn.ModuleList([nn.Conv2d(cfg.codebook_dim, cfg.codebook_dim, 3, padding=1)
                                   for _ in range(count)])
         self.phi_of_scale = phi_indices(len(self.patch_nums), count)
+        self.beta = cfg.commit_beta
+        self.init_tracking((len(self.patch_nums), cfg.codebook_size))
 
     def refine(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """phi of scale k, at latent resolution (after the upsampling)."""
@@ -264,6 +171,53 @@ class MultiScaleQuantizer(nn.Module):
             out.append(f_hat)
         return out
 
+    def scale_inputs(self, indices: list[torch.Tensor], first: int = 1) -> torch.Tensor:
+        """Next-scale inputs (B, n, D) of scales first..len(indices) (at most the last one)
+        from the indices of scales 0..len(indices)-1: for scale j, the cumulative f_hat of
+        scales < j area-downsampled to pn_j, row-major. All scales' indices give the teacher-
+        forcing inputs of scales 1..S-1 (VAR's idxBl_to_var_input); the scales < s give scale
+        s's input while generating (get_next_autoregressive_input)."""
+        side, f_hat, parts = self.patch_nums[-1], 0, []
+        for j in range(1, min(len(indices), len(self.patch_nums) - 1) + 1):
+            f_hat = f_hat + self.code_map(indices[j - 1], j - 1, side)
+            if j >= first:
+                pn = self.patch_nums[j]
+                parts.append(area(f_hat, pn).flatten(2).transpose(1, 2))  # (B, pn^2, D)
+        if not parts:
+            return self.embedding.weight.new_zeros(indices[0].shape[0], 0, self.embedding.embedding_dim)
+        return torch.cat(parts, dim=1)
+
+    def forward(self, f: torch.Tensor):
+        """Training (VAR's VectorQuantizer2.forward): f (B, D, h, w) -> (f_hat valued, f's
+        gradient (straight-through), {"codebook", "commit"} losses, statistics). The codes and
+        f_hat are those of `quantize`."""
+        B, D, H, W = f.shape
+        if (H, W) != (self.patch_nums[-1],) * 2:
+            raise ValueError(f"latent {H}x{W} does not fit the scale schedule {self.patch_nums}")
+        # float32 even under autocast: bf16 distances mis-assign codes and the residual sum drifts
+        with torch.autocast(f.device.type, enabled=False):
+            f = f.float()
+            f_no_grad, S = f.detach(), len(self.patch_nums)
+            rest, f_hat = f_no_grad.clone(), torch.zeros_like(f_no_grad)
+            codebook = commit = 0.0
+            indices, quantised = [], []
+            for k, pn in enumerate(self.patch_nums):
+                z = (rest if k == S - 1 else area(rest, pn)).permute(0, 2, 3, 1).reshape(-1, D)  # (B pn^2, D)
+                with torch.no_grad():  # argmin has no gradient; skip the (N, V) graph
+                    idx = self.nearest(z).view(B, pn * pn)
+                h = self.code_map(idx, k, H)
+                f_hat = f_hat + h
+                rest = rest - h.detach()
+                # per scale, as VAR: the commitment pulls the encoder toward the sum so far, the
+                # codebook term pulls the codes and phi convs toward the (fixed) feature
+                commit = commit + F.mse_loss(f_hat.detach(), f)
+                codebook = codebook + F.mse_loss(f_hat, f_no_grad)
+                indices.append(idx)
+                quantised.append(z)
+            f_hat = f_hat.detach() - f_no_grad + f  # value f_hat, gradient to f (the encoder)
+        losses = {"codebook": codebook / S, "commit": self.beta * commit / S}
+        return f_hat, losses, scale_code_stats(indices, self.embedding.num_embeddings, torch.cat(quantised))
+
     def check_scales(self, indices: list[torch.Tensor]) -> None:
         got = [tuple(i.shape[1:]) for i in indices]
         want = [(pn * pn,) for pn in self.patch_nums]
@@ -293,7 +247,7 @@ class MSVQModel(ImageTokenizer):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        init_convs_and_norms(self)
+        init_convs_and_norms(self, (nn.GroupNorm, ChannelNorm))
         # VAR's eini(-1): codes start small and close together, inside the feature cloud
         v = self.cfg.codebook_size
         nn.init.uniform_(self.quantize.embedding.weight, -1 / v, 1 / v)
@@ -327,11 +281,15 @@ class MSVQModel(ImageTokenizer):
     def next_scale_inputs(self, indices: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing inputs (B, L - pn_0^2, Cvae): for each scale k >= 1 the cumulative
         f_hat of scales < k area-downsampled to pn_k, row-major (VAR's idxBl_to_var_input)."""
-        f_hats = self.f_hats(indices)[:-1]  # the last scale's sum feeds nothing
-        B, D = indices[0].shape[0], self.cfg.codebook_dim
-        parts = [area(f, pn).reshape(B, D, pn * pn).transpose(1, 2)  # (B, pn^2, D)
-                 for f, pn in zip(f_hats, self.patch_nums[1:])]
-        return torch.cat(parts, dim=1) if parts else torch.zeros(B, 0, D)
+        self.quantize.check_scales(indices)
+        return self.quantize.scale_inputs(indices)
+
+    def forward(self, images: torch.Tensor):
+        """Training, the VQ's interface: (B, 3, H, W) -> (reconstruction, {"codebook",
+        "commit"} losses, code statistics). Not clamped (as the VQ's): the loss keeps its
+        gradient where the decoder overshoots [-1, 1]."""
+        f_hat, losses, stats = self.quantize(self.features(images))
+        return self.decoder(self.post_quant_conv(f_hat)), losses, stats
 
     def decode_f_hat(self, f_hat: torch.Tensor) -> torch.Tensor:
         """(B, Cvae, h, w) summed feature -> images in [-1, 1]."""

@@ -1,6 +1,7 @@
 """Tokenizer training's resume state: OUT_DIR/checkpoint.pt (model, discriminator, both
-optimisers, step, RNG, a VQ's codebook-usage statistics) and the identity it records, the training
-images and the settings that define the run, so that a resume with others is refused.
+optimisers, step, RNG, a VQ's codebook-usage statistics (per scale for the msvq)) and the
+identity it records, the training images and the settings that define the run, so that a
+resume with others is refused.
 Written atomically; read with torch.load(weights_only=True).
 """
 
@@ -18,7 +19,8 @@ from common.io import DiskFullError, atomic_torch_save
 RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "grad_clip",
                "l1_weight", "gan", "disc_start", "disc_weight", "disc_layers", "disc_ch", "seed")
 # ... and those of one tokenizer family (the others' settings are unused by it)
-FAMILY_KEYS = {"vq": ("codebook_weight", "restart_dead"), "kl": ("kl_weight",)}
+FAMILY_KEYS = {"vq": ("codebook_weight", "restart_dead"), "kl": ("kl_weight",),
+               "msvq": ("codebook_weight", "restart_dead")}
 
 
 def run_identity(cfg, dataset) -> dict:

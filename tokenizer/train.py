@@ -1,22 +1,24 @@
-"""Train an image tokenizer: VQ (discrete codes) or KL (a continuous VAE), picked by model.name.
+"""Train an image tokenizer: VQ (discrete codes), KL (a continuous VAE) or VAR's multi-scale
+residual VQ (msvq: one code map per scale of model.patch_nums), picked by model.name.
 
     python -m tokenizer.train --config configs/tokenizer/quickstart.yaml [key=value ...]
     python -m tokenizer.train --config configs/tokenizer/kl_quickstart.yaml [key=value ...]
+    python -m tokenizer.train --config configs/tokenizer/msvq_quickstart.yaml [key=value ...]
     torchrun --nproc_per_node=N -m tokenizer.train --config ... (DDP; global batch split over ranks)
-    python -m tokenizer.train model.name=kl --help     (the KL model keys)
+    python -m tokenizer.train model.name=kl --help     (the KL model keys; msvq likewise)
 
 Re-running the same command resumes from OUT_DIR/checkpoint.pt (tokenizer/resume.py). At the end
-it exports OUT_DIR/{vq,kl}.safetensors (+ .yaml), OUT_DIR/summary.json and OUT_DIR/recon.png
-(originals above their reconstructions). Losses: l2 (+ optional l1) reconstruction; for the VQ
-codebook and commitment losses, for the KL kl_weight * KL (tokenizer/kl_loss.py); optionally a
-PatchGAN hinge loss with VQGAN's adaptive weight. A KL run logs the posterior's statistics and
+it exports OUT_DIR/{vq,kl,msvq}.safetensors (+ .yaml), OUT_DIR/summary.json and OUT_DIR/recon.png
+(originals above their reconstructions). Losses: l2 (+ optional l1) reconstruction; for the VQs
+codebook and commitment losses (msvq: VAR's, averaged over the scales; usage is logged per
+scale), for the KL kl_weight * KL (tokenizer/kl_loss.py); optionally a PatchGAN hinge loss
+with VQGAN's adaptive weight. A KL run logs the posterior's statistics and
 the latent scale 1/std they suggest; with model.latent_scale=0 the exported config stores the
 scale measured on the evaluation images at the end (LDM's scale_by_std, MAR's 0.2325).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
@@ -39,9 +41,12 @@ from dataset.folder import ClassFolderDataset
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.batches import batches, load_all
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
-from tokenizer.evaluate import evaluate, psnr, reconstruction_fid
+from tokenizer.evaluate import (evaluate, export_config, family_summary, family_text, psnr,
+                                reconstruction_fid)
 from tokenizer.kl import KLConfig
 from tokenizer.kl_loss import kl_losses, step_noise
+from tokenizer.msvq import MSVQConfig
+from tokenizer.msvq_train import scale_scalars
 from tokenizer.resume import disk_full_advice, load_checkpoint, run_identity, save_checkpoint
 from tokenizer.vq import VQConfig
 
@@ -68,9 +73,9 @@ class TrainConfig:
     schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     l1_weight: float = 0.0  # weight of an extra L1 reconstruction loss (L2 always has weight 1)
-    codebook_weight: float = 1.0  # VQ: weight of codebook + commitment losses
-    restart_dead: int = 0  # VQ: re-seed codes unused for this many batches from encoder outputs; 0: off
-    usage_window: int = 100  # VQ: batches over which codebook usage is reported
+    codebook_weight: float = 1.0  # VQ, msvq: weight of codebook + commitment losses
+    restart_dead: int = 0  # VQ, msvq: re-seed codes unused (at every scale) for this many batches from encoder outputs; 0: off
+    usage_window: int = 100  # VQ, msvq: batches over which codebook usage is reported
     kl_weight: float = 1e-6  # KL: weight of the KL term (summed over an image's latent elements, batch mean; LDM)
     gan: bool = False  # add the PatchGAN adversarial loss
     disc_start: int = 20000  # step at which the GAN loss (and discriminator training) starts
@@ -113,7 +118,12 @@ class KLTokenizerTrainConfig(TokenizerTrainConfig):
     model: KLConfig = field(default_factory=KLConfig)  # tokenizer architecture
 
 
-SCHEMAS = {"vq": TokenizerTrainConfig, "kl": KLTokenizerTrainConfig}
+@dataclass
+class MSVQTokenizerTrainConfig(TokenizerTrainConfig):
+    model: MSVQConfig = field(default_factory=MSVQConfig)  # tokenizer architecture
+
+
+SCHEMAS = {"vq": TokenizerTrainConfig, "kl": KLTokenizerTrainConfig, "msvq": MSVQTokenizerTrainConfig}
 
 
 def schema_for(argv) -> type:
@@ -226,9 +236,6 @@ def main(argv=None) -> dict:
 
 
 def run(cfg: TokenizerTrainConfig) -> dict:
-    if cfg.model.name not in SCHEMAS:  # e.g. msvq: loadable and convertible, not trainable yet
-        raise ConfigError(f"model.name={cfg.model.name!r}: this command trains {sorted(SCHEMAS)} "
-                          f"tokenizers")
     check_paths(cfg, {"data.root": "point it at a class-folder dataset (root/<class>/<images>)",
                       "data.eval_root": "point it at held-out class folders, or leave it empty",
                       "train.rfid_ref": f"build it with `python eval_fid.py mode=ref images=HELDOUT "
@@ -260,7 +267,7 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(t.seed * 7919 + start * 31 + info.rank)  # dropout noise differs per rank
     net, d_net = raw, disc
     if info.world_size > 1:  # usage buffers are synced by hand (track_codes), not broadcast
-        net = DDP(raw, **_no_buffer_sync())
+        net = DDP(raw, **_ddp_options(raw))
         d_net = DDP(disc) if disc is not None else None
     images = load_all(dataset, t.num_workers) if cfg.data.in_memory else None
     writer = make_writer(out) if info.is_main else None
@@ -275,7 +282,7 @@ def run(cfg: TokenizerTrainConfig) -> dict:
         recon, scalars, stats = generator_step(cfg, net, disc, opt, x, step, info.rank)
         if disc is not None and step >= t.disc_start:
             scalars.update(disc_step(d_net, opt_d, x, recon))
-        if raw.kind == "discrete":
+        if raw.kind != "continuous":  # VQ and msvq: codes
             restarted += track_codes(raw, stats, t, step)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             scalars.update({"psnr": psnr(recon, x), "lr": lr_at(t, step),
@@ -295,31 +302,39 @@ def run(cfg: TokenizerTrainConfig) -> dict:
 
 
 def step_stats(raw, stats: dict, restarted: int) -> dict:
-    """The batch's statistics to log: codebook usage (VQ), or the posterior's (KL)."""
+    """The batch's statistics to log: codebook usage (VQ; msvq also per scale, from the global
+    histogram), or the posterior's (KL)."""
     if raw.kind == "continuous":
         return stats
+    per_scale = scale_scalars(all_reduce_sum(stats["counts"])) if raw.kind == "multiscale" else {}
     return {"usage/batch": stats["usage"], "usage/restarted": restarted,
-            "usage/perplexity": stats["perplexity"]}
+            "usage/perplexity": stats["perplexity"], **per_scale}
 
 
 def window_usage(raw, t: TrainConfig) -> float | None:
-    return raw.quantize.window_usage(t.usage_window) if raw.kind == "discrete" else None
+    return raw.quantize.window_usage(t.usage_window) if raw.kind != "continuous" else None
 
 
 def weights_path(cfg) -> Path:
     return Path(cfg.out_dir) / f"{cfg.model.name}.safetensors"
 
 
-def _no_buffer_sync() -> dict:
-    # newer torch renamed broadcast_buffers (and warns about the old name)
+def _ddp_options(raw) -> dict:
+    """No buffer sync (newer torch renamed broadcast_buffers, and warns about the old name);
+    unused parameters allowed where a multi-scale schedule leaves phi convs unused (VAR's
+    layout keeps share_quant_resi convs whatever the number of scales)."""
     new = "forward_sync_buffers" in inspect.signature(DDP).parameters
-    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+    q = getattr(raw, "quantize", None)
+    unused = hasattr(q, "phi_of_scale") and len(set(q.phi_of_scale)) < len(q.phi)
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False,
+            **({"find_unused_parameters": True} if unused else {})}
 
 
 def build(cfg, info, log, identity):
     """Tokenizer, optional discriminator, their optimizers; resumed from the checkpoint if any."""
     t = cfg.train
     raw = build_tokenizer(cfg.model).to(info.device)
+    check_resolution(cfg, raw)
     disc = PatchDiscriminator(ch=t.disc_ch, n_layers=t.disc_layers).to(info.device) if t.gan else None
     opt = make_optimizer(raw.parameters(), t)
     opt_d = make_optimizer(disc.parameters(), t) if disc is not None else None
@@ -328,6 +343,16 @@ def build(cfg, info, log, identity):
         start = load_checkpoint(ckpt_path, raw, disc, opt, opt_d, identity)
         log.info(f"resumed from {ckpt_path} at step {start}")
     return raw, disc, opt, opt_d, start
+
+
+def check_resolution(cfg, raw) -> None:
+    """A one-line error naming the settings when the images do not fit the tokenizer's grid."""
+    try:
+        raw.grid(cfg.data.resolution)
+    except ValueError as e:
+        what = (f"model.patch_nums={list(cfg.model.patch_nums)}" if raw.kind == "multiscale"
+                else f"the {cfg.model.name} tokenizer")
+        raise ConfigError(f"data.resolution={cfg.data.resolution} does not fit {what}: {e}") from None
 
 
 def make_writer(out: Path):
@@ -346,26 +371,6 @@ def log_scalars(writer, bar, scalars, usage, step) -> None:
     extra = {"usage": f"{usage:.2f}"} if usage is not None else \
         {"z_std": f"{vals['latent/sample_std']:.3g}", "kl": f"{vals['loss/kl']:.3g}"}
     bar.set_postfix(loss=f"{vals['loss/total']:.4f}", psnr=f"{vals['psnr']:.1f}", **extra)
-
-
-def export_config(cfg, ev: dict):
-    """The config the weights are exported with: a KL run asked to measure its latent scale
-    (model.latent_scale=0) stores 1/std of its posterior samples on the evaluation images."""
-    if cfg.model.name == "kl" and cfg.model.latent_scale == 0:
-        return dataclasses.replace(cfg.model, latent_scale=round(ev["latent_scale_measured"], 5))
-    return cfg.model
-
-
-def family_summary(cfg, raw, ev: dict, model_cfg) -> dict:
-    t = cfg.train
-    if raw.kind == "continuous":
-        return {**{k: round(ev[k], 5) for k in ("latent_mean", "latent_std", "latent_sample_std",
-                                                "latent_scale_measured")},
-                "latent_scale": model_cfg.latent_scale, "latent_channels": raw.latent_channels,
-                "kl_weight": t.kl_weight}
-    return {"usage_eval": round(ev["usage"], 4), "perplexity_eval": round(ev["perplexity"], 2),
-            "usage_window": round(raw.quantize.window_usage(t.usage_window), 4),
-            "codebook_size": cfg.model.codebook_size}
 
 
 def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start, identity) -> dict:
@@ -389,12 +394,8 @@ def finish(cfg, raw, disc, opt, opt_d, info, log, writer, seconds, start, identi
             writer.add_scalar("eval/psnr", ev["psnr"], t.steps)
             writer.close()
         rfid = f", rFID {ev['rfid']:.2f}" if t.rfid else ""
-        what = (f"latent std {ev['latent_sample_std']:.4g} (samples), latent_scale "
-                f"{model_cfg.latent_scale}" if raw.kind == "continuous" else
-                f"codebook usage {ev['usage']:.1%} (eval) / {summary['usage_window']:.1%} (last "
-                f"{t.usage_window} batches)")
         log.info(f"done: {t.steps} steps in {seconds:.0f}s, PSNR {ev['psnr']:.2f} dB{rfid}, "
-                 f"{what} -> {weights}")
+                 f"{family_text(raw, ev, summary, t)} -> {weights}")
     barrier()
     cleanup()
     return summary

@@ -235,20 +235,78 @@ class Decoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-code quantiser on the unit sphere, straight-through gradients.
+def code_usage(counts: torch.Tensor) -> dict:
+    """Usage (fraction of codes chosen) and perplexity of a (V,) or (rows, V) code histogram."""
+    total = counts.reshape(-1, counts.shape[-1]).sum(0)  # (V,)
+    p = total.float() / total.sum()
+    return {"usage": (total > 0).float().mean(),
+            "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())}
 
-    `last_used[k]` is the tracker step at which code k was last chosen; it is a non-persistent
-    buffer (not in the weights) that the training loop feeds with `track(counts)`, so usage over
-    the last N batches is the fraction of codes with `last_used > step - N`.
+
+class CodeTracker(nn.Module):
+    """Codebook usage over a window of batches and dead-code restarts, for a quantiser with an
+    `embedding` codebook whose codes are counted in one row or in several (one per scale).
+
+    `last_used[..., k]` is the tracker step at which code k was last chosen (in that row); it is
+    a non-persistent buffer (not in the weights) that the training loop feeds with
+    `track(counts)`, so usage over the last N batches is the fraction of codes with
+    `last_used > step - N`.
     """
+
+    def init_tracking(self, shape: tuple[int, ...]) -> None:
+        """shape: (V,) or (rows, V), the shape of the histograms `track` will get."""
+        # built on the CPU even under a meta-device build (a generator's frozen copy of a quantiser)
+        self.register_buffer("last_used", torch.full(shape, -1, dtype=torch.long, device="cpu"),
+                             persistent=False)
+        self.register_buffer("track_step", torch.zeros((), dtype=torch.long, device="cpu"), persistent=False)
+
+    @torch.no_grad()
+    def track(self, counts: torch.Tensor) -> None:
+        """Record one batch's code histogram (already summed over ranks under DDP)."""
+        self.track_step += 1
+        self.last_used[counts > 0] = self.track_step
+
+    def seen(self, window: int) -> torch.Tensor:
+        """(rows, V) bool: codes chosen at least once in the last `window` tracked batches."""
+        seen = (self.last_used >= 0) & (self.last_used > self.track_step - window)
+        return seen.reshape(-1, self.last_used.shape[-1])
+
+    def window_usage(self, window: int) -> float:
+        """Fraction of codes chosen at least once (in any row) in the last `window` batches."""
+        return self.seen(window).any(0).float().mean().item()
+
+    def seed_codes(self, vectors: torch.Tensor) -> torch.Tensor:
+        """What a restarted code is set to, given the latent it restarts from."""
+        return vectors
+
+    @torch.no_grad()
+    def restart_dead(self, window: int, z_pool: torch.Tensor, generator=None) -> int:
+        """Re-seed codes unused for `window` batches (in every row) with random recent latents.
+
+        A dead code never receives gradient from the codebook loss, so without a restart it
+        stays dead; moving it onto a real latent gives it a chance to be chosen again.
+        """
+        if self.track_step < window:
+            return 0
+        last = self.last_used.reshape(-1, self.last_used.shape[-1]).amax(0)  # (V,) last use in any row
+        dead = (last <= self.track_step - window).nonzero().flatten()
+        if len(dead) == 0 or len(z_pool) == 0:
+            return 0
+        pick = torch.randint(len(z_pool), (len(dead),), generator=generator, device="cpu")
+        self.embedding.weight[dead] = self.seed_codes(z_pool[pick.to(z_pool.device)])
+        self.last_used[..., dead] = self.track_step  # a grace period before it can die again
+        return len(dead)
+
+
+class VectorQuantizer(CodeTracker):
+    """Nearest-code quantiser on the unit sphere, straight-through gradients; usage tracking and
+    dead-code restarts from CodeTracker."""
 
     def __init__(self, n: int, dim: int, beta: float, l2_norm: bool):
         super().__init__()
         self.n, self.dim, self.beta, self.l2_norm = n, dim, beta, l2_norm
         self.embedding = nn.Embedding(n, dim)
-        self.register_buffer("last_used", torch.full((n,), -1, dtype=torch.long), persistent=False)
-        self.register_buffer("track_step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.init_tracking((n,))
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
@@ -281,41 +339,13 @@ class VectorQuantizer(nn.Module):
         commit_loss = self.beta * F.mse_loss(z, zq.detach())  # keeps the encoder near its code
         zq = z + (zq - z).detach()  # straight-through: the decoder's gradient reaches z
         counts = torch.bincount(idx, minlength=self.n)
-        p = counts.float() / idx.numel()
-        stats = {"counts": counts, "usage": (counts > 0).float().mean(),
-                 "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
+        stats = {"counts": counts, **code_usage(counts),
                  "latents": z.detach().reshape(-1, D)}  # candidates for dead-code restarts
         losses = {"codebook": codebook_loss, "commit": commit_loss}
         return zq.permute(0, 3, 1, 2).contiguous(), idx.view(B, h, w), losses, stats
 
-    @torch.no_grad()
-    def track(self, counts: torch.Tensor) -> None:
-        """Record one batch's code histogram (already summed over ranks under DDP)."""
-        self.track_step += 1
-        self.last_used[counts > 0] = self.track_step
-
-    def window_usage(self, window: int) -> float:
-        """Fraction of codes chosen at least once in the last `window` tracked batches."""
-        seen = (self.last_used >= 0) & (self.last_used > self.track_step - window)
-        return seen.float().mean().item()
-
-    @torch.no_grad()
-    def restart_dead(self, window: int, z_pool: torch.Tensor, generator=None) -> int:
-        """Re-seed codes unused for `window` batches with random recent encoder outputs.
-
-        A dead code never receives gradient from the codebook loss, so without a restart it
-        stays dead; moving it onto a real latent gives it a chance to be chosen again.
-        """
-        if self.track_step < window:
-            return 0
-        dead = (self.last_used <= self.track_step - window).nonzero().flatten()
-        if len(dead) == 0 or len(z_pool) == 0:
-            return 0
-        pick = torch.randint(len(z_pool), (len(dead),), generator=generator, device="cpu")
-        new = z_pool[pick.to(z_pool.device)]
-        self.embedding.weight[dead] = F.normalize(new, dim=-1) if self.l2_norm else new
-        self.last_used[dead] = self.track_step  # a grace period before it can die again
-        return len(dead)
+    def seed_codes(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(vectors, dim=-1) if self.l2_norm else vectors
 
 
 # ---------------------------------------------------------------- model

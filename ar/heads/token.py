@@ -19,6 +19,7 @@ from common.config import check_fields
 @dataclass
 class TokenHeadConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing (MaskGIT trains with 0.1; LlamaGen 0)
+    bias: bool = False  # a bias on the output layer (VAR's head has one; LlamaGen's not)
 
     def validate(self) -> None:
         check_fields(self, "model.token_head.", {"label_smoothing": "[0, 1)"})
@@ -31,7 +32,7 @@ class TokenHead(nn.Module):
         super().__init__()
         self.cfg = cfg or TokenHeadConfig()
         self.vocab_size = vocab_size
-        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.output = nn.Linear(dim, vocab_size, bias=self.cfg.bias)
 
     def initialize(self) -> None:
         # zero output: training starts from uniform predictions (LlamaGen, DiT)
