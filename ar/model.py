@@ -274,11 +274,12 @@ class ARModel(nn.Module):
 
     def attention_mask(self, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """The block rule as a boolean "may attend" mask (T, L) for queries at the given
-        positions (all L when None); None where it is plain causal attention (SDPA's fast path)."""
+        positions (T,), or (B, T, L) for per-row positions (B, T), (all L when None); None where
+        it is plain causal attention (SDPA's fast path)."""
         blocks = self.inputs.blocks  # (L,)
         if query_positions is None:
             return None if self.inputs.causal else blocks[None, :] <= blocks[:, None]
-        return blocks[None, :] <= blocks[query_positions][:, None]
+        return blocks <= blocks[query_positions][..., None]
 
     # ------------------------------------------------------------------ training
 
@@ -327,9 +328,10 @@ class ARModel(nn.Module):
         self.transformer.clear_cache()
 
     def extend(self, x: torch.Tensor, positions: torch.Tensor, ada=None) -> torch.Tensor:
-        """Feed inputs x (B, T, D) at sequence positions (T,) against the KV cache; returns
-        their hidden states (B, T, D). Positions stay on the device: no host sync. ada: the
-        adaLN input (vectors (B, S, D), index (T,) | None) of adaLN models."""
+        """Feed inputs x (B, T, D) at sequence positions (T,), or (B, T) when rows are at
+        different positions, against the KV cache; returns their hidden states (B, T, D).
+        Positions stay on the device: no host sync. ada: the adaLN input (vectors (B, S, D),
+        index (T,) | None) of adaLN models."""
         x = self._with_pos(x, positions)
         return self.transformer(x, self._rope_at(positions), self.attention_mask(positions),
                                 positions, ada)

@@ -146,9 +146,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, K, T, Dh) at positions `pos` (T,); return the whole cache."""
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        """Write k, v (B, K, T, Dh) at positions `pos`, (T,) for every row or (B, T) per row
+        (rows that have advanced by different amounts, as speculative decoding's); return the
+        whole cache. What a position held before is overwritten (a rejected draft's entry)."""
+        if pos.dim() == 1:
+            self.k.index_copy_(2, pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        else:
+            index = pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, T, Dh)
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -199,6 +206,8 @@ class Attention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scale)
         else:
+            if mask.dim() == 3:  # per-row masks (B, T, L): one for all heads
+                mask = mask[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, Hq * Dh)  # (B, T, H*Dh)
         return self.resid_dropout(self.wo(y))
@@ -291,10 +300,11 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None, ada=None) -> torch.Tensor:
-        """x (B, T, D); rope (T, Dh/2, 2) or None; mask: None for plain causal attention over x,
-        else a boolean (T, L) "may attend" mask (L = T, or the cache capacity when cached);
-        pos (T,): the sequence positions of x; given, the layers read and write their KV
-        cache (inference); None, attention covers x alone (training) from position 0.
+        """x (B, T, D); rope (T | B x T, Dh/2, 2) or None; mask: None for plain causal attention
+        over x, else a boolean (T, L) or per-row (B, T, L) "may attend" mask (L = T, or the cache
+        capacity when cached); pos (T,) or per row (B, T): the sequence positions of x; given,
+        the layers read and write their KV cache (inference); None, attention covers x alone
+        (training) from position 0.
         ada: (vectors (B, S, D), index (T,) | None) for adaLN blocks, else None."""
         if self.input_norm is not None:
             x = self.input_norm(x)

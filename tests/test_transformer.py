@@ -106,3 +106,35 @@ def test_head_is_built_from_its_own_config():
         want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), label_smoothing=0.1)
         assert torch.allclose(smooth(seq.view(2, 4, 4), cond)["loss"], want, atol=1e-6)
         assert not torch.allclose(plain(seq.view(2, 4, 4), cond)["loss"], want)
+
+
+def test_rows_extend_at_their_own_positions_and_overwrite_rejected_drafts():
+    """Per-row positions (B, T) in extend (speculative decoding's rows advance independently):
+    each row's hidden states equal the full forward pass, and a position fed again replaces
+    the KV entry a rejected draft left there."""
+    from ar.conditioning import ClassCondition
+    from conftest import tiny_model
+
+    model = tiny_model()
+    for p in model.parameters():  # away from the zero init, so every input matters
+        torch.nn.init.normal_(p, std=0.3)
+    seq = torch.randint(0, 32, (2, 16))
+    cond = ClassCondition(torch.tensor([0, 1]))
+    with torch.no_grad():
+        full = model.hidden(seq, cond)  # (B, N, D): element j + 1 comes from the input of token j
+        model.setup_cache(2)
+        _, vector = model.prefill(cond)
+        ada, P = model.modulation(cond), model.prefix
+
+        def feed(tokens, pos):  # position P + j holds token j
+            return model.extend(model.embed_tokens(tokens, vector), pos, ada)
+
+        draft = seq.clone()
+        draft[1, 2] = (seq[1, 2] + 1) % 32  # a wrong draft for row 1's token 2
+        h1 = feed(draft[:, 0:3], torch.tensor([[P, P + 1, P + 2], [P, P + 1, P + 2]]))
+        # row 0 goes on; row 1 feeds its token 2 again (the draft was rejected), then goes on
+        h2 = feed(torch.stack([seq[0, 3:6], seq[1, 2:5]]),
+                  torch.tensor([[P + 3, P + 4, P + 5], [P + 2, P + 3, P + 4]]))
+    assert torch.allclose(h1[0], full[0, 1:4], atol=1e-5) and torch.allclose(h1[1, :2], full[1, 1:3], atol=1e-5)
+    assert not torch.allclose(h1[1, 2], full[1, 3], atol=1e-3)  # the draft's own output was wrong
+    assert torch.allclose(h2[0], full[0, 4:7], atol=1e-5) and torch.allclose(h2[1], full[1, 3:6], atol=1e-5)
