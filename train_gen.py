@@ -31,7 +31,7 @@ from ar.conditioning import ClassCondition
 from ar.data import BatchStream, CodeCache, LatentCache, ScaleCodeCache, open_cache
 from ar.ema import EMA
 from ar.engine import batch_layout, build_engine, train_step
-from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec
+from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, tokenizer_kind
 from ar.optim import lr_at
 from common import dist
 from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
@@ -133,17 +133,10 @@ _CACHE_FITS = {"discrete": "model.head=token with a single-grid order (raster, c
                "continuous": "model.head=flow"}
 
 
-def cache_kind_for(m: ModelConfig) -> str:
-    """The kind of code cache a model trains on."""
-    if m.head == "flow":
-        return "continuous"
-    return "multiscale" if m.order == "scale" else "discrete"
-
-
 def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
     """The cache, refused when its kind does not fit the model (head and order)."""
     cache = open_cache(cfg.data.codes)
-    found, wanted = cache.meta["kind"], cache_kind_for(cfg.model)
+    found, wanted = cache.meta["kind"], tokenizer_kind(cfg.model)
     if found != wanted:
         raise ConfigError(f"data.codes={cfg.data.codes} holds {_CACHE_HOLDS[found]}, but the model "
                           f"(model.head={cfg.model.head}, model.order={cfg.model.order}) trains on "

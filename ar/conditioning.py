@@ -46,8 +46,6 @@ class LabelEmbedder(nn.Module):
                  tied: bool = False):
         super().__init__()
         self.num_classes, self.num_tokens, self.dim = num_classes, num_tokens, dim
-        if tied and not vector:
-            raise ValueError("a prefix tied to the adaLN vector needs the vector table (adaLN)")
         # one extra row in each table: the null class of the unconditional CFG branch
         own_table = num_tokens and not tied  # tied: the prefix repeats the vector (VAR's start token)
         self.embedding_table = nn.Embedding(num_classes + 1, num_tokens * dim) if own_table else None

@@ -93,11 +93,12 @@ class CodeCache(_ShardedCache):
     def __init__(self, path: str | Path):
         super().__init__(path)
         self.codebook_size = int(self.meta["codebook_size"])
+        self.code_shape = (self.grid_h, self.grid_w)  # one image's codes, as the model takes them
 
     def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
-        """Codes (n, h, w) int64 for the given image indices and variants."""
+        """Codes (n, *code_shape) int64 for the given image indices and variants."""
         out = self._gather(indices, variants, np.int64)
-        return torch.from_numpy(out).view(-1, self.grid_h, self.grid_w)
+        return torch.from_numpy(out).view(-1, *self.code_shape)
 
     def items(self, indices: np.ndarray, variants: np.ndarray, seed: int, offset: int) -> torch.Tensor:
         """What the generator trains on for stream samples [offset, offset + n): the codes."""
@@ -114,14 +115,11 @@ class ScaleCodeCache(CodeCache):
         super().__init__(path)
         self.scales = [int(p) for p in self.meta["scales"]]
         self.seq_len = sum(p * p for p in self.scales)
-        if self.shards[0].shape[2:] != (self.seq_len,):
+        self.code_shape = (self.seq_len,)  # every scale's codes, concatenated
+        if self.shards[0].shape[2:] != self.code_shape:
             raise ValueError(f"{self.path}: shards hold codes of shape {self.shards[0].shape[2:]}, "
                              f"but meta.json's scales {self.scales} make {self.seq_len} per image; "
                              f"re-run the encode command")
-
-    def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
-        """Codes (n, L) int64 for the given image indices and variants."""
-        return torch.from_numpy(self._gather(indices, variants, np.int64))
 
 
 class LatentCache(_ShardedCache):

@@ -44,7 +44,9 @@ def _block_causal(blocks: torch.Tensor) -> bool:
 class NextTokenInputs(nn.Module):
     kind = "next_token"
     timed = False  # no flow time in the adaLN vector
-    token_inputs = True  # fed the codebook embeddings of tokens (model.tok_embeddings)
+    # the tokenizer (and code cache) kind the model is trained on; "discrete" inputs are the
+    # codebook embeddings of tokens (model.tok_embeddings), the others project their own
+    tokenizer_kind = "discrete"
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()
@@ -86,7 +88,7 @@ class _OwnStepInputs(nn.Module):
 class NextGroupInputs(_OwnStepInputs):
     kind = "next_group"
     timed = False
-    token_inputs = True
+    tokenizer_kind = "discrete"
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__(order, prefix)
@@ -118,7 +120,7 @@ class NextGroupInputs(_OwnStepInputs):
 class FlowInputs(_OwnStepInputs):
     kind = "flow"
     timed = True  # each fed group's flow time enters its adaLN vector
-    token_inputs = False
+    tokenizer_kind = "continuous"
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__(order, prefix)
@@ -142,7 +144,7 @@ class FlowInputs(_OwnStepInputs):
 class NextScaleInputs(nn.Module):
     kind = "next_scale"
     timed = False
-    token_inputs = False
+    tokenizer_kind = "multiscale"
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()

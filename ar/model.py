@@ -186,7 +186,8 @@ class ARModel(nn.Module):
                                   tied=m.cond_prefix == "vector")
         inputs = INPUTS[input_kind(m)]
         # token inputs are codebook embeddings; flow and next-scale inputs project their own
-        self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim) if inputs.token_inputs else None
+        self.tok_embeddings = (nn.Embedding(spec.vocab_size, a.dim)
+                               if inputs.tokenizer_kind == "discrete" else None)
         # (num_classes + 1, D): the label's embedding added to every input, null row included
         self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
         inputs = inputs(self.order, self.prefix, a.dim, spec)
@@ -347,6 +348,12 @@ class ARModel(nn.Module):
         vectors = self.ada_vectors(cond, t)
         ada = None if vectors is None else (vectors, None)
         return self.extend(prefix, torch.arange(self.prefix, device=prefix.device), ada), vector
+
+
+def tokenizer_kind(m: ModelConfig) -> str:
+    """The kind of tokenizer, and of code cache, the model is trained on: discrete (one code
+    grid), multiscale (every scale's codes) or continuous (latents)."""
+    return INPUTS[input_kind(m)].tokenizer_kind
 
 
 def input_kind(m: ModelConfig) -> str:

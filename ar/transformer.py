@@ -234,13 +234,15 @@ class FeedForward(nn.Module):
         return self.resid_dropout(self.w2(self.ffn_dropout(h)))
 
 
-def modulation_of(layer: nn.Module, ada) -> list[torch.Tensor]:
-    """The six adaLN vectors (each (B, T|1, D)) of one block for ada = (vectors, index)."""
+def modulation_of(layer: nn.Module, ada, parts: int = 6) -> list[torch.Tensor]:
+    """The adaLN vectors (each (B, T|1, D)) of one modulation layer for ada = (vectors, index):
+    a block's six (gamma1, gamma2, scale1, scale2, shift1, shift2), or the final norm's two
+    (scale, shift)."""
     vectors, index = ada
-    mod = layer(vectors)  # (B, S, 6D), on the distinct vectors only
+    mod = layer(vectors)  # (B, S, parts x D), on the distinct vectors only
     if index is not None:
-        mod = mod[:, index]  # (B, T, 6D)
-    return list(mod.chunk(6, dim=-1))  # gamma1, gamma2, scale1, scale2, shift1, shift2
+        mod = mod[:, index]  # (B, T, parts x D)
+    return list(mod.chunk(parts, dim=-1))
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -263,8 +265,11 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(a)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 6 * a.dim)) if a.adaln else None
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_rate, self.training)
+
     def forward(self, x, rope, mask, pos, ada=None):
-        drop = partial(drop_path, rate=self.drop_rate, training=self.training)
+        drop = self._drop
         if self.modulation is None:
             x = x + drop(self.attention(self.attention_norm(x), rope, mask, pos))
             return x + drop(self.feed_forward(self.ffn_norm(x)))
@@ -314,9 +319,7 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, pos, ada)
         if self.final_modulation is None:
             return self.norm(x)
-        scale, shift = self.final_modulation(ada[0]).chunk(2, dim=-1)  # (B, S, D) each
-        if ada[1] is not None:
-            scale, shift = scale[:, ada[1]], shift[:, ada[1]]
+        scale, shift = modulation_of(self.final_modulation, ada, parts=2)
         return self.norm(x) * (1 + scale) + shift
 
     def _between_halves(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ar.checkpoint import load_generator
 from ar.conditioning import ClassCondition
+from ar.model import tokenizer_kind
 from common import dist, precision
 from common.config import ConfigError, check_fields
 from common.io import DiskFullError, atomic_write_text, sha256_file
@@ -82,24 +83,25 @@ def load_models(cfg: SampleRunConfig, device: torch.device, log):
     return model, tokenizer
 
 
+_CODES = {"discrete": "discrete codes", "multiscale": "per-scale codes", "continuous": "latents"}
+
+
 def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
     """A tokenizer with another codebook or grid would decode garbage: refuse it, whatever
     the user asked for (another tokenizer of the same shape is only a warning)."""
     grid = tuple(tokenizer.grid(spec.resolution))
     problems = []
-    flow = spec.model.head == "flow"
-    if (tokenizer.kind == "continuous") != flow:
-        problems.append(f"a {tokenizer.kind} tokenizer for a generator of "
-                        f"{'latents' if flow else 'discrete codes'}")
-    elif flow and tokenizer.latent_channels != spec.latent_channels:
+    wanted = tokenizer_kind(spec.model)
+    if tokenizer.kind != wanted:
+        problems.append(f"a {tokenizer.kind} tokenizer for a generator of {_CODES[wanted]}")
+    elif wanted == "continuous" and tokenizer.latent_channels != spec.latent_channels:
         problems.append(f"{tokenizer.latent_channels} latent channels vs the generator's "
                         f"{spec.latent_channels}")
-    elif not flow and tokenizer.codebook_size != spec.vocab_size:
+    elif wanted != "continuous" and tokenizer.codebook_size != spec.vocab_size:
         problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
-    scales = list(spec.multiscale.patch_nums)
-    if scales != list(getattr(tokenizer, "patch_nums", [])):
-        problems.append(f"scale schedule {getattr(tokenizer, 'patch_nums', 'none (one grid)')} vs "
-                        f"the generator's {scales or 'none (one grid)'}")
+    elif wanted == "multiscale" and list(tokenizer.patch_nums) != list(spec.multiscale.patch_nums):
+        problems.append(f"scale schedule {list(tokenizer.patch_nums)} vs the generator's "
+                        f"{list(spec.multiscale.patch_nums)}")
     if grid != (spec.grid_h, spec.grid_w):
         problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "
                         f"generator's {spec.grid_h}x{spec.grid_w}")

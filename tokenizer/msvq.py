@@ -142,34 +142,45 @@ class MultiScaleQuantizer(CodeTracker):
             h = bicubic(h, side)
         return self.refine(h.contiguous(), k)
 
-    def quantize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """f (B, D, h, w) -> (indices per scale (B, pn_k^2), cumulative f_hat after each scale)."""
+    def residual_codes(self, f: torch.Tensor):
+        """The residual quantisation of f (B, D, h, w), scale by scale, in float32 on f's value
+        (no gradient into the search): yields, for each scale k, the residual it quantised
+        (B pn_k^2, D), its indices (B, pn_k^2) row-major and its refined code map h_k
+        (B, D, h, w), which the caller adds to f_hat."""
         B, D, H, W = f.shape
         if H != W or H != self.patch_nums[-1]:
             raise ValueError(f"latent {H}x{W} does not fit the scale schedule {self.patch_nums}, "
                              f"whose last scale must equal the latent side; encode images of "
                              f"{self.patch_nums[-1]} x the downsampling factor pixels")
-        rest, f_hat = f.float().clone(), torch.zeros_like(f, dtype=torch.float32)
-        indices, f_hats = [], []
+        rest, last = f.detach().float().clone(), len(self.patch_nums) - 1
         for k, pn in enumerate(self.patch_nums):
-            z = rest if k == len(self.patch_nums) - 1 else area(rest, pn)
-            idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, pn * pn)  # row-major
+            z = (rest if k == last else area(rest, pn)).permute(0, 2, 3, 1).reshape(-1, D)  # (B pn^2, D)
+            with torch.no_grad():  # argmin has no gradient; skip the (N, V) graph
+                idx = self.nearest(z).view(B, pn * pn)
             h = self.code_map(idx, k, H)
+            rest = rest - h.detach()
+            yield z, idx, h
+
+    def quantize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """f (B, D, h, w) -> (indices per scale (B, pn_k^2), cumulative f_hat after each scale)."""
+        f_hat, indices, f_hats = 0, [], []
+        for _, idx, h in self.residual_codes(f):
             f_hat = f_hat + h
-            rest = rest - h
             indices.append(idx)
             f_hats.append(f_hat)
         return indices, f_hats
 
+    def _sums(self, indices: list[torch.Tensor]):
+        """The cumulative f_hat after each of the given scales, from the code maps alone."""
+        side, f_hat = self.patch_nums[-1], 0
+        for k, idx in enumerate(indices):
+            f_hat = f_hat + self.code_map(idx, k, side)
+            yield f_hat
+
     def f_hats(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
         """Indices per scale -> cumulative f_hat after each scale (the code maps alone)."""
         self.check_scales(indices)
-        side = self.patch_nums[-1]
-        f_hat, out = 0, []
-        for k, idx in enumerate(indices):
-            f_hat = f_hat + self.code_map(idx, k, side)
-            out.append(f_hat)
-        return out
+        return list(self._sums(indices))
 
     def scale_inputs(self, indices: list[torch.Tensor], first: int = 1) -> torch.Tensor:
         """Next-scale inputs (B, n, D) of scales first..len(indices) (at most the last one)
@@ -177,12 +188,9 @@ class MultiScaleQuantizer(CodeTracker):
         scales < j area-downsampled to pn_j, row-major. All scales' indices give the teacher-
         forcing inputs of scales 1..S-1 (VAR's idxBl_to_var_input); the scales < s give scale
         s's input while generating (get_next_autoregressive_input)."""
-        side, f_hat, parts = self.patch_nums[-1], 0, []
-        for j in range(1, min(len(indices), len(self.patch_nums) - 1) + 1):
-            f_hat = f_hat + self.code_map(indices[j - 1], j - 1, side)
-            if j >= first:
-                pn = self.patch_nums[j]
-                parts.append(area(f_hat, pn).flatten(2).transpose(1, 2))  # (B, pn^2, D)
+        sums = self._sums(indices[:len(self.patch_nums) - 1])  # the last scale's sum feeds nothing
+        parts = [area(f_hat, self.patch_nums[j]).flatten(2).transpose(1, 2)  # (B, pn_j^2, D)
+                 for j, f_hat in enumerate(sums, start=1) if j >= first]
         if not parts:
             return self.embedding.weight.new_zeros(indices[0].shape[0], 0, self.embedding.embedding_dim)
         return torch.cat(parts, dim=1)
@@ -191,23 +199,14 @@ class MultiScaleQuantizer(CodeTracker):
         """Training (VAR's VectorQuantizer2.forward): f (B, D, h, w) -> (f_hat valued, f's
         gradient (straight-through), {"codebook", "commit"} losses, statistics). The codes and
         f_hat are those of `quantize`."""
-        B, D, H, W = f.shape
-        if (H, W) != (self.patch_nums[-1],) * 2:
-            raise ValueError(f"latent {H}x{W} does not fit the scale schedule {self.patch_nums}")
         # float32 even under autocast: bf16 distances mis-assign codes and the residual sum drifts
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             f_no_grad, S = f.detach(), len(self.patch_nums)
-            rest, f_hat = f_no_grad.clone(), torch.zeros_like(f_no_grad)
-            codebook = commit = 0.0
+            f_hat, codebook, commit = 0, 0.0, 0.0
             indices, quantised = [], []
-            for k, pn in enumerate(self.patch_nums):
-                z = (rest if k == S - 1 else area(rest, pn)).permute(0, 2, 3, 1).reshape(-1, D)  # (B pn^2, D)
-                with torch.no_grad():  # argmin has no gradient; skip the (N, V) graph
-                    idx = self.nearest(z).view(B, pn * pn)
-                h = self.code_map(idx, k, H)
+            for z, idx, h in self.residual_codes(f):
                 f_hat = f_hat + h
-                rest = rest - h.detach()
                 # per scale, as VAR: the commitment pulls the encoder toward the sum so far, the
                 # codebook term pulls the codes and phi convs toward the (fixed) feature
                 commit = commit + F.mse_loss(f_hat.detach(), f)
