@@ -163,7 +163,9 @@ class MultiScaleQuantizer(CodeTracker):
 
     def quantize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """f (B, D, h, w) -> (indices per scale (B, pn_k^2), cumulative f_hat after each scale)."""
-        f_hat, indices, f_hats = 0, [], []
+        # f_hat starts as zeros in f's memory format (the local encoder's output is channels-
+        # last), so the decoder's convolutions get that format and round as they always have
+        f_hat, indices, f_hats = torch.zeros_like(f, dtype=torch.float32), [], []
         for _, idx, h in self.residual_codes(f):
             f_hat = f_hat + h
             indices.append(idx)
@@ -203,7 +205,7 @@ class MultiScaleQuantizer(CodeTracker):
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             f_no_grad, S = f.detach(), len(self.patch_nums)
-            f_hat, codebook, commit = 0, 0.0, 0.0
+            f_hat, codebook, commit = torch.zeros_like(f_no_grad), 0.0, 0.0  # f's format, as in quantize
             indices, quantised = [], []
             for z, idx, h in self.residual_codes(f):
                 f_hat = f_hat + h
