@@ -64,6 +64,7 @@ from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weig
 from evaluation.inputs import open_images
 from evaluation.score import kept_result, score_settings
 from sampling.generate import SamplingConfig
+from sampling.speculative import SAMPLERS, SpeculativeConfig
 from sampling import run as sampling_run
 from sampling.outputs import pack_npz, shard_done
 
@@ -76,7 +77,7 @@ RANGES = {"family": ("llamagen", "xar", "var"),
           "labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
           "precision": PRECISIONS, "device": ("auto", "cpu", "cuda"),
           "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
-          "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0"}
+          "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0", "sampler": SAMPLERS}
 
 
 @dataclass
@@ -100,6 +101,8 @@ class ReproduceConfig:
     batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
     shard_size: int = 500  # images per shard, the unit of resumption
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    sampler: str = "plain"  # plain | sjd | coupled (lossless) | gsd (lossy): speculative decoding (llamagen; xar and var need plain)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the speculative samplers' window, draft init and gsd group
     precision: str = "auto"  # sampling: auto (bf16 where native: GPUs as LlamaGen, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     compile: bool = False  # compile the decode step into a CUDA graph (GPU; faster for 50k images)
     device: str = "auto"  # auto | cpu | cuda, for sampling and scoring
@@ -115,6 +118,11 @@ class ReproduceConfig:
             raise ConfigError(f"metrics: unknown {bad}; choose from {list(METRICS)}")
         if not self.metrics:
             raise ConfigError(f"metrics=[] asks for nothing; choose some of {list(METRICS)}")
+        self.speculative.validate()
+        if self.family != "llamagen" and self.sampler != "plain":
+            raise ConfigError(f"sampler={self.sampler}: speculative decoding verifies drafted "
+                              f"tokens of next-token and next-group models; family={self.family} "
+                              f"models need sampler=plain")
         if self.family == "var" and self.use_ema:
             raise ConfigError("use_ema=true: VAR's checkpoints hold one set of weights (no EMA); "
                               "leave it false")
@@ -128,7 +136,8 @@ def sample_overrides(cfg: ReproduceConfig, weights: Path, folder: Path) -> list[
             f"labels={cfg.labels}", f"seed={cfg.seed}", f"batch_size={cfg.batch_size}",
             f"shard_size={cfg.shard_size}", "npz=false", f"device={cfg.device}",
             f"precision={cfg.precision}", f"compile={str(cfg.compile).lower()}"] + \
-        [f"sampling.{k}={v}" for k, v in asdict(cfg.sampling).items()]
+        [f"sampling.{k}={v}" for k, v in asdict(cfg.sampling).items()] + [f"sampler={cfg.sampler}"] + \
+        [f"speculative.{k}={v}" for k, v in asdict(cfg.speculative).items()]
 
 
 def sample_command(nproc: int, overrides: list[str]) -> list[str]:
@@ -236,7 +245,8 @@ def table_row(cfg: ReproduceConfig, result: dict, prov: dict) -> str:
     s = cfg.sampling
     draws = (f"{s.flow_sampler.upper()} {s.flow_steps} steps" if cfg.family == "xar" else
              f"top-k {s.top_k}, top-p {s.top_p}, T {s.temperature}")
-    settings = (f"{draws}, {s.cfg_schedule} CFG, seed {cfg.seed}, {prov['precision']}"
+    sampler = "" if cfg.sampler == "plain" else f", {cfg.sampler} window {cfg.speculative.window}"
+    settings = (f"{draws}, {s.cfg_schedule} CFG{sampler}, seed {cfg.seed}, {prov['precision']}"
                 + (", EMA" if cfg.use_ema else ""))
     res = f"{cfg.image_size}" + (f"→{cfg.eval_size} bicubic" if cfg.image_size != cfg.eval_size else "")
     cells = [prov["date"][:16].replace("T", " "), cfg.name,
@@ -321,6 +331,8 @@ def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> d
             "resize": (f"bicubic {cfg.image_size} -> {cfg.eval_size}"
                        if cfg.image_size != cfg.eval_size else "none")}
     result["reproduce"] = {**prov, "config": asdict(cfg)}
+    record = out / "samples" / "sampler.json"  # the rule, window, forward passes, accepted length
+    result["sampler"] = json.loads(record.read_text()) if record.is_file() else {"sampler": cfg.sampler}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     append_row(Path(cfg.table), table_row(cfg, result, prov))
     print(summary_line(result) + f"  -> {out / 'metrics.json'}, row added to {cfg.table}")

@@ -5,6 +5,8 @@
     # 50,000 images as PNG shards + an ADM-layout .npz, over all GPUs of a machine
     torchrun --nproc_per_node=8 sample.py --config configs/sample/fid50k.yaml \
         weights=RUN/weights/ema.safetensors out=samples/RUN sampling.cfg_scale=2.0
+    # speculative decoding (next-token and next-group models): sjd | coupled (lossless), gsd (lossy)
+    python sample.py weights=... out=grid.png sampler=coupled speculative.window=16 speculative.init=above
 
 Image i is generated with noise keyed by (seed, i) and gets label i % classes (balanced) or a
 label hashed from (seed, i) (random), so the images do not depend on the number of processes

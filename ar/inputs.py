@@ -10,7 +10,10 @@ The sequence is [condition prefix (P positions)] + the inputs' positions. An inp
   - `teacher_forced(model, seq, vector)`: the inputs of a whole sequence (training),
   - `step(model, s, seq, vector, rows)`: the inputs that produce step s's predictions while
     generating, at their positions (None when the prefill already produced them); `seq` (R, N)
-    holds the tokens of every row, steps < s filled in.
+    holds the tokens of every row, steps < s filled in,
+  - discrete inputs also `elements(model, elements, seq, vector, prefix)`: the inputs that
+    predict the given elements (R, T), each row its own (speculative decoding's window), at
+    their positions (R, T); `prefix` (R, P, D) is the condition prefix.
 `vector` is the condition's per-row vector added to every input (`model.cond_add`) or None.
 
     next_token   the previous token (LlamaGen): position P + i holds token i and predicts
@@ -69,6 +72,13 @@ class NextTokenInputs(nn.Module):
         pos = self.out_positions[s:s + 1]  # where token s - 1 goes in: P + s - 1
         return model.embed_tokens(seq[:, s - 1:s], vector), pos
 
+    def elements(self, model, elements: torch.Tensor, seq: torch.Tensor, vector, prefix: torch.Tensor):
+        # token e - 1 predicts token e; token 0 is predicted by the last prefix position, whose
+        # input (the prefix's last embedding) is fed again: same input and context, same K/V
+        x = model.embed_tokens(seq.gather(1, (elements - 1).clamp(min=0)), vector)
+        x = torch.where((elements == 0)[..., None], prefix[:, -1:].to(x.dtype), x)
+        return x, self.out_positions[elements]
+
 
 class _OwnStepInputs(nn.Module):
     """Position P + i holds an input for sequence element i and predicts it; a step's
@@ -115,6 +125,13 @@ class NextGroupInputs(_OwnStepInputs):
         if s == 0:
             return self._start(rows, model.dtype, vector), pos
         return model.embed_tokens(seq[:, lo - self.group:lo], vector), pos
+
+    def elements(self, model, elements: torch.Tensor, seq: torch.Tensor, vector, prefix: torch.Tensor):
+        x = model.embed_tokens(seq.gather(1, (elements - self.group).clamp(min=0)), vector)
+        start = self._start(len(seq), x.dtype, vector)  # (R, G, D)
+        first = start.gather(1, (elements % self.group)[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.where((elements < self.group)[..., None], first, x)
+        return x, self.out_positions[elements]
 
 
 class FlowInputs(_OwnStepInputs):

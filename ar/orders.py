@@ -84,6 +84,18 @@ class Order:
         """Grid (rows, cols) of each sequence element, each (N,)."""
         return self.perm // self.grid_w, self.perm % self.grid_w
 
+    def above(self) -> torch.Tensor:
+        """(N,): for each element, the element of an earlier step that sits one step's height
+        above it in the grid (the same place in the step above), or -1 where there is none:
+        speculative decoding's spatial initialisation copies it (SJD). None by default."""
+        return torch.full((self.num_tokens,), -1, dtype=torch.long, device=CPU)
+
+    def _shifted(self, steps_back: int) -> torch.Tensor:
+        """The element at the same index of the step `steps_back` earlier (-1 before step 0)."""
+        e = torch.arange(self.num_tokens, device=CPU)
+        back = e - steps_back * self.group_size
+        return torch.where(self.step_of >= steps_back, back, torch.full_like(e, -1))
+
     def __repr__(self) -> str:
         return (f"{self.name}({self.grid_h}x{self.grid_w}: {self.num_steps} steps of "
                 f"{self.step_sizes[0]})")
@@ -96,6 +108,9 @@ class RasterOrder(Order):
 
     def layout(self):
         return torch.arange(self.num_tokens, device=CPU), [1] * self.num_tokens
+
+    def above(self) -> torch.Tensor:
+        return self._shifted(self.grid_w)  # the token one row up
 
 
 def _divides(k: int, grid_h: int, grid_w: int, key: str) -> None:
@@ -119,6 +134,9 @@ class CellOrder(Order):
         perm = grid.permute(0, 2, 1, 3).reshape(-1)  # cells in raster order, raster inside
         return perm, [k * k] * (self.num_tokens // (k * k))
 
+    def above(self) -> torch.Tensor:
+        return self._shifted(self.grid_w // self.k)  # the same place in the cell one row of cells up
+
     def __repr__(self) -> str:
         return f"cell{self.k}" + super().__repr__()[len(self.name):]
 
@@ -139,6 +157,10 @@ class SubsampleOrder(Order):
         grid = torch.arange(self.num_tokens, device=CPU).view(h // s, s, w // s, s)  # (row/s, dr, col/s, dc)
         perm = grid.permute(1, 3, 0, 2).reshape(-1)  # offsets (dr, dc) in raster order, outer
         return perm, [self.num_tokens // (s * s)] * (s * s)
+
+    def above(self) -> torch.Tensor:
+        # offset (dr, dc) lies one grid row below offset (dr - 1, dc); offsets of row 0 have none
+        return self._shifted(self.s)
 
     def __repr__(self) -> str:
         return f"subsample{self.s}" + super().__repr__()[len(self.name):]

@@ -71,14 +71,10 @@ def run_order(cfg: CompareConfig, name: str) -> dict:
 
 def class_check(cfg: CompareConfig, samples: Path) -> float:
     """How often a sample's nearest training image (pixels) has the sample's class."""
-    from dataset.folder import ClassFolderDataset
-    from dataset.images import load_image
-    from evaluation.metrics import nearest_label_agreement
+    from evaluation.class_check import class_agreement
 
-    train = ClassFolderDataset(f"{cfg.data}/train", 32)
-    ref = np.stack([load_image(path, 32) for path, _ in train.samples])
     with np.load(samples) as z:
-        return nearest_label_agreement(z["arr_0"], z["arr_1"], ref, [y for _, y in train.samples])["agreement"]
+        return class_agreement(z["arr_0"], z["arr_1"], f"{cfg.data}/train", 32)["agreement"]
 
 
 def sampling_speed(weights: str, batch: int, repeats: int) -> tuple[int, float]:

@@ -23,6 +23,8 @@ _GOLDEN = 0x9E3779B9
 STREAM_TOKENS = 1
 STREAM_LABELS = 2
 STREAM_FLOW = 3
+STREAM_SPECULATIVE = 4  # speculative decoding's tests and draws, per pass
+STREAM_DRAFTS = 5  # speculative decoding's random initial drafts
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -40,7 +42,8 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _mix(key: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
+def mix(key: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
+    """Keys for a sub-stream numbered `counter` (an int, or a tensor broadcasting with key)."""
     if not torch.is_tensor(counter):
         counter = torch.tensor(counter, dtype=torch.int64, device=key.device)
     return hash32(key ^ hash32((counter.to(torch.int64) + _GOLDEN) & _MASK))
@@ -49,22 +52,23 @@ def _mix(key: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
 def image_keys(seed: int, image_ids: torch.Tensor, stream: int = STREAM_TOKENS) -> torch.Tensor:
     """A 32-bit key per image (B,) from the run seed and each image's global index."""
     seed_t = torch.tensor(seed & _MASK, dtype=torch.int64, device=image_ids.device)
-    base = _mix(_mix(hash32(seed_t), (seed >> 32) & _MASK), stream)
-    return _mix(base.expand(image_ids.shape), image_ids.to(torch.int64))
+    base = mix(mix(hash32(seed_t), (seed >> 32) & _MASK), stream)
+    return mix(base.expand(image_ids.shape), image_ids.to(torch.int64))
 
 
 def uniform(keys: torch.Tensor, step: torch.Tensor | int, size: int) -> torch.Tensor:
     """Uniform (0, 1) float32 noise (B, size) for one counter value; `keys` from `image_keys`."""
-    step_keys = _mix(keys, step)  # (B,)
+    step_keys = mix(keys, step)  # (B,)
     entries = torch.arange(size, dtype=torch.int64, device=keys.device)
     return _unit(hash32(step_keys[:, None] ^ hash32(entries * _GOLDEN + 1)))  # (B, size)
 
 
 def uniform_elements(keys: torch.Tensor, elements: torch.Tensor, size: int) -> torch.Tensor:
-    """Noise (B, G, size) for the sequence elements (G,) drawn in one step: keyed by each
-    element's sequence index, so a one-token step gets exactly `uniform(keys, index, size)`
-    and an element's noise does not depend on how the order groups it."""
-    element_keys = _mix(keys[:, None], elements[None, :])  # (B, G)
+    """Noise (B, G, size) for the sequence elements (G,) drawn in one step, or (B, G) when
+    each row has its own: keyed by each element's sequence index, so a one-token step gets
+    exactly `uniform(keys, index, size)` and an element's noise does not depend on how the
+    order groups it."""
+    element_keys = mix(keys[:, None], elements if elements.dim() == 2 else elements[None, :])  # (B, G)
     entries = torch.arange(size, dtype=torch.int64, device=keys.device)
     return _unit(hash32(element_keys[..., None] ^ hash32(entries * _GOLDEN + 1)))  # (B, G, size)
 
@@ -84,6 +88,6 @@ def normal_elements(keys: torch.Tensor, elements: torch.Tensor, size: int,
     """Standard normal float32 noise (B, G, size) for the sequence elements (G,), keyed by
     each element's sequence index and a draw number (a flow step's start noise is draw 0,
     its SDE step k's noise draw k + 1): Box-Muller over two uniforms per entry."""
-    u = uniform_elements(_mix(keys, draw), elements, 2 * size)  # (B, G, 2 size)
+    u = uniform_elements(mix(keys, draw), elements, 2 * size)  # (B, G, 2 size)
     radius = torch.sqrt(-2.0 * torch.log(u[..., :size]))
     return radius * torch.cos((2.0 * torch.pi) * u[..., size:])

@@ -85,14 +85,22 @@ def shard_done(root: str | Path, shard: int) -> bool:
 
 
 def write_shard(root: str | Path, shard: int, ids: np.ndarray, images: np.ndarray,
-                labels: np.ndarray) -> Path:
-    """Write one finished shard (images named by global index) atomically."""
+                labels: np.ndarray, cost: dict | None = None) -> Path:
+    """Write one finished shard (images named by global index) atomically; `cost`: what
+    sampling it took (forward passes, seconds), kept beside the images as cost.json."""
     final = shard_dir(root, shard)
     with atomic_dir(final) as tmp:
         for i, img in zip(ids, images):
             Image.fromarray(img).save(tmp / f"{int(i):06d}.png")
+        if cost is not None:
+            (tmp / "cost.json").write_text(json.dumps(cost))
         (tmp / "labels.json").write_text(json.dumps({f"{int(i):06d}": int(l) for i, l in zip(ids, labels)}))
     return final
+
+
+def read_shard_cost(root: str | Path, shard: int) -> dict | None:
+    path = shard_dir(root, shard) / "cost.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def npz_done(path: str | Path, count: int) -> bool:

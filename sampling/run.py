@@ -30,8 +30,11 @@ from common.config import ConfigError, check_fields
 from common.io import DiskFullError, atomic_write_text, sha256_file
 from common.precision import PRECISIONS
 from sampling import noise
-from sampling.generate import SamplingConfig, compiled_extend, generate
-from sampling.outputs import decode_codes, npz_done, pack_npz, save_grid, shard_done, write_shard
+from sampling.generate import SamplingConfig, compiled_extend
+from sampling.outputs import (decode_codes, npz_done, pack_npz, read_shard_cost, save_grid,
+                              shard_done, write_shard)
+from sampling.speculative import (SAMPLERS, SpeculativeConfig, SpeculativeStats, check_supported,
+                                  plain_passes, sample_codes)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class SampleRunConfig:
     shard_size: int = 1000  # images mode: images per shard, the unit of resumption
     seed: int = 0  # noise seed; image i's noise depends only on (seed, i)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    sampler: str = "plain"  # plain (one forward pass per step) | sjd | coupled (lossless) | gsd (lossy, faster): speculative decoding, sampling/speculative.py
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # window, draft init and gsd's group of the speculative samplers
     npz: bool = True  # images mode: pack OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) at the end
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where native: GPUs, CPUs with AVX512-BF16/AMX) | bf16 | fp32
@@ -58,7 +63,8 @@ class SampleRunConfig:
                                 "labels": ("balanced", "random"), "per_class": ">= 1",
                                 "batch_size": ">= 1", "shard_size": ">= 1",
                                 "device": ("auto", "cpu", "cuda"),
-                                "precision": PRECISIONS})
+                                "precision": PRECISIONS, "sampler": SAMPLERS})
+        self.speculative.validate()
         if self.classes is not None and (not self.classes or min(self.classes) < 0):
             raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
 
@@ -120,12 +126,39 @@ def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, lo
     classes = cfg.classes or list(range(min(model.spec.num_classes, 32)))
     labels = torch.tensor(classes, device=device).repeat_interleave(cfg.per_class)
     ids = torch.arange(len(labels), device=device)
-    codes = torch.cat([generate(model, ClassCondition(l), i, cfg.seed, cfg.sampling)
-                       for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size))])
-    images = decode_codes(tokenizer, codes)
+    codes, cost = [], SpeculativeStats()
+    for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
+        batch, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
+                                    cfg.sampler, cfg.speculative)
+        codes.append(batch)
+        cost.add(stats or SpeculativeStats())
+    images = decode_codes(tokenizer, torch.cat(codes))
     written = save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
     done = "wrote" if written else "kept (the same grid, byte for byte)"
-    log.info(f"{done} {cfg.out} ({len(classes)} classes x {cfg.per_class})")
+    log.info(f"{done} {cfg.out} ({len(classes)} classes x {cfg.per_class}){cost_line(cfg, model, cost)}")
+
+
+def cost_line(cfg: SampleRunConfig, model, cost: SpeculativeStats) -> str:
+    if not cost.images:
+        return ""
+    s = cost.summary()
+    return (f"; sampler {cfg.sampler}: {s['forward_passes_per_image']:.1f} forward passes per image "
+            f"(plain: {plain_passes(model)}), {s['mean_accepted_length']:.2f} tokens per pass")
+
+
+def sampler_record(cfg: SampleRunConfig, model, cost: SpeculativeStats, seconds: float) -> dict:
+    """What the sampler did, for the results JSON: the rule and its options, and per image the
+    forward passes against plain sampling's and the tokens committed per pass."""
+    record = {"sampler": cfg.sampler}
+    if cfg.sampler != "plain":
+        record["speculative"] = asdict(cfg.speculative)
+    if cost.images:
+        passes = plain_passes(model)
+        s = cost.summary()
+        record.update(s, plain_forward_passes_per_image=passes,
+                      pass_reduction=round(passes / max(s["forward_passes_per_image"], 1e-9), 3))
+    record["sampling_seconds"] = round(seconds, 2)
+    return record
 
 
 def check_out_folder(cfg: SampleRunConfig, out: Path, device: torch.device) -> None:
@@ -133,7 +166,8 @@ def check_out_folder(cfg: SampleRunConfig, out: Path, device: torch.device) -> N
     recorded as resolved on this device: "auto" gives other images on a GPU than on a CPU."""
     settings = {"weights_sha256": sha256_file(cfg.weights), "num_images": cfg.num_images,
                 "labels": cfg.labels, "seed": cfg.seed, "shard_size": cfg.shard_size,
-                "sampling": asdict(cfg.sampling),
+                "sampling": asdict(cfg.sampling), "sampler": cfg.sampler,
+                "speculative": asdict(cfg.speculative),
                 "precision": precision.resolved(cfg.precision, device)}
     path = out / "settings.json"
     if path.is_file():
@@ -153,6 +187,8 @@ def upgraded_settings(old: dict, device: torch.device) -> dict:
     if old.get("precision") == "auto":
         old["precision"] = "bf16" if device.type == "cuda" else "fp32"
     old["sampling"] = {**asdict(SamplingConfig()), **old.get("sampling", {})}
+    old.setdefault("sampler", "plain")
+    old["speculative"] = {**asdict(SpeculativeConfig()), **old.get("speculative", {})}
     return old
 
 
@@ -173,22 +209,40 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
     for k in mine:
         ids = torch.arange(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size), device=info.device)
         labels = image_labels(cfg, ids, model.spec.num_classes)
-        images = []
+        images, cost, started = [], SpeculativeStats(), time.time()
         for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
-            codes = generate(model, ClassCondition(l), i, cfg.seed, cfg.sampling, extend_fn)
+            codes, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
+                                        cfg.sampler, cfg.speculative, extend_fn)
             images.append(decode_codes(tokenizer, codes))
+            cost.add(stats or SpeculativeStats())
             bar.update(len(i))
         try:
-            write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy())
+            write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy(),
+                        cost={**asdict(cost), "seconds": time.time() - started})
         except DiskFullError as e:
             raise DiskFullError(e.path, "free space and run the same command again; finished "
                                         "shards are kept") from e
     bar.close()
     log.info(f"rank {info.rank}: {todo} images in {time.time() - t0:.1f}s")
     dist.barrier()
+    if info.is_main:
+        write_sampler_record(cfg, model, out, num_shards, log)
     if info.is_main and cfg.npz:
         count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n)
         log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
+
+
+def write_sampler_record(cfg: SampleRunConfig, model, out: Path, num_shards: int, log) -> None:
+    """OUT/sampler.json from the shards' costs (shards of earlier versions have none)."""
+    cost, seconds = SpeculativeStats(), 0.0
+    for k in range(num_shards):
+        shard = read_shard_cost(out, k)
+        if shard is None:
+            return
+        seconds += shard.pop("seconds", 0.0)
+        cost.add(SpeculativeStats(**shard))
+    atomic_write_text(out / "sampler.json", json.dumps(sampler_record(cfg, model, cost, seconds), indent=2))
+    log.info(f"wrote {out / 'sampler.json'}{cost_line(cfg, model, cost)}")
 
 
 def run(cfg: SampleRunConfig) -> None:
@@ -196,6 +250,7 @@ def run(cfg: SampleRunConfig) -> None:
     info = dist.init_distributed(cfg.device)
     log = dist.get_logger("sample", info.rank)
     model, tokenizer = load_models(cfg, info.device, log)
+    check_supported(model, cfg.sampler)
     if cfg.mode == "grid":
         if info.is_main:
             sample_grid(cfg, model, tokenizer, info.device, log)

@@ -35,24 +35,26 @@ DATA = "data/shapes32"
 PY = sys.executable
 
 
-def stages(run: str, tokenizer: str, weights: str, encoded: str, suffix: str) -> list:
+def stages(run: str, tokenizer: str, weights: str, encoded: str, generator: str,
+           data: str = DATA, resolution: int = 32, jitter: bool = False) -> list:
     """The commands of one pipeline: `tokenizer` names its config and exported weights,
-    `suffix` its generator and sampling configs (configs/quickstart{suffix}.yaml)."""
-    sample = [PY, "sample.py", "--config", f"configs/sample/quickstart{suffix}.yaml",
+    `generator` its generator and sampling configs (configs/{generator}.yaml,
+    configs/sample/{generator}.yaml); `data` the shapes folder at `resolution`."""
+    sample = [PY, "sample.py", "--config", f"configs/sample/{generator}.yaml",
               f"weights={run}/gen/weights/ema.safetensors"]
     return [
-        ("dataset", [PY, "-m", "dataset.shapes", f"out={DATA}", "resolution=32",
-                     "num_train=8000", "num_heldout=500", "seed=0"]),
-        ("reference", [PY, "eval_fid.py", "mode=ref", f"images={DATA}/heldout", "resolution=32",
+        ("dataset", [PY, "-m", "dataset.shapes", f"out={data}", f"resolution={resolution}",
+                     "num_train=8000", "num_heldout=500", "seed=0"] + (["jitter=true"] if jitter else [])),
+        ("reference", [PY, "eval_fid.py", "mode=ref", f"images={data}/heldout", f"resolution={resolution}",
                        f"out={run}/heldout_ref.npz"]),
         ("tokenizer", [PY, "-m", "tokenizer.train", "--config", f"configs/tokenizer/{tokenizer}.yaml",
-                       f"data.root={DATA}/train", f"data.eval_root={DATA}/heldout",
+                       f"data.root={data}/train", f"data.eval_root={data}/heldout",
                        f"out_dir={run}/{weights}", "train.rfid=true",
                        f"train.rfid_ref={run}/heldout_ref.npz"]),
-        ("encode", [PY, "-m", "tokenizer.encode", f"data.root={DATA}/train", "data.resolution=32",
+        ("encode", [PY, "-m", "tokenizer.encode", f"data.root={data}/train", f"data.resolution={resolution}",
                     f"tokenizer={run}/{weights}/{weights}.safetensors", f"out={run}/{encoded}",
                     "num_workers=0"]),
-        ("generator", [PY, "train_gen.py", "--config", f"configs/quickstart{suffix}.yaml"]),
+        ("generator", [PY, "train_gen.py", "--config", f"configs/{generator}.yaml"]),
         ("grid", sample + [f"out={run}/grid.png", "mode=grid"]),
         ("samples", sample + [f"out={run}/samples", "mode=images", "num_images=500"]),
         ("fid", [PY, "eval_fid.py", f"images={run}/samples/samples.npz", f"ref={run}/heldout_ref.npz",
@@ -63,12 +65,17 @@ def stages(run: str, tokenizer: str, weights: str, encoded: str, suffix: str) ->
 # name -> (run folder, stages): token = VQ + next-token (LlamaGen), flow = KL VAE + next-cell flow
 # (xAR), scale = multi-scale VQ + next-scale (VAR)
 PIPELINES = {
-    "token": ("runs/quickstart", stages("runs/quickstart", "quickstart", "vq", "codes", "")),
+    "token": ("runs/quickstart", stages("runs/quickstart", "quickstart", "vq", "codes", "quickstart")),
     "flow": ("runs/quickstart_flow", stages("runs/quickstart_flow", "kl_quickstart", "kl", "latents",
-                                            "_flow")),
+                                            "quickstart_flow")),
     "scale": ("runs/quickstart_scale", stages("runs/quickstart_scale", "msvq_quickstart", "msvq",
-                                              "codes", "_scale")),
+                                              "codes", "quickstart_scale")),
+    # not a quickstart: the speculative-decoding bench's harder model (256 tokens of jittered
+    # 64 px shapes; about an hour on 2 CPU cores)
+    "jitter64": ("runs/jitter64", stages("runs/jitter64", "vq_jitter64", "vq", "codes", "jitter64",
+                                         data="data/shapes64j", resolution=64, jitter=True)),
 }
+DATA_OF = {"jitter64": ("data/shapes64j", 64)}  # the others: DATA at 32 px
 RUN, STAGES = PIPELINES["token"]
 
 
@@ -77,10 +84,10 @@ def display(cmd: list[str]) -> str:
     return shlex.join(c.replace(PY, "python") for c in cmd)
 
 
-def files_state(run: str) -> dict[str, tuple[int, int]]:
+def files_state(run: str, data: str) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file the pipeline writes: a stage that changed none did no work."""
     state = {}
-    for folder in (DATA, run):
+    for folder in (data, run):
         for dirpath, _, names in os.walk(folder):
             for name in names:
                 path = os.path.join(dirpath, name)
@@ -90,23 +97,14 @@ def files_state(run: str) -> dict[str, tuple[int, int]]:
     return state
 
 
-def class_check(run: str) -> dict:
-    """How often a sample's nearest training image, in pixels, is of the sample's class.
-
-    The shapes are discrete, so a clean sample is close to some training image; this measures
-    what the grid shows (do the rows draw their class?) over all 500 samples.
-    """
+def class_check(run: str, data: str = DATA, resolution: int = 32) -> dict:
+    """The class check (evaluation/class_check.py) of the run's 500 samples -> RUN/class_check.json."""
     import numpy as np
 
-    from dataset.folder import ClassFolderDataset
-    from dataset.images import load_image
-    from evaluation.metrics import nearest_label_agreement
+    from evaluation.class_check import class_agreement
 
-    train = ClassFolderDataset(f"{DATA}/train", 32)
-    ref = np.stack([load_image(path, 32) for path, _ in train.samples])
     with np.load(f"{run}/samples/samples.npz") as z:
-        out = nearest_label_agreement(z["arr_0"], z["arr_1"], ref, [y for _, y in train.samples])
-    out["per_class"] = {train.classes[k]: v for k, v in out.pop("per_label").items()}
+        out = class_agreement(z["arr_0"], z["arr_1"], f"{data}/train", resolution)
     atomic_write_text(Path(run, "class_check.json"), json.dumps(out, indent=2) + "\n")
     return out
 
@@ -117,26 +115,28 @@ def main(argv: list[str] | None = None) -> None:
     if name not in PIPELINES or len(args) > 1:
         sys.exit(f"usage: scripts/quickstart.py [{' | '.join(PIPELINES)}]")
     run, pipeline = PIPELINES[name]
-    target = "quickstart" + ("" if name == "token" else f"-{name}")
+    data, resolution = DATA_OF.get(name, (DATA, 32))
+    again = (f"python scripts/quickstart.py {name}" if name in DATA_OF else
+             "make quickstart" + ("" if name == "token" else f"-{name}"))
     os.chdir(ROOT)
     timings, worked = {}, []
     t_all = time.time()
     for stage, cmd in pipeline:
         print(f"\n=== {stage}: {display(cmd)}", flush=True)
-        t0, before = time.time(), files_state(run)
+        t0, before = time.time(), files_state(run, data)
         if subprocess.run(cmd).returncode != 0:
             sys.exit(f"quickstart: stage '{stage}' failed; fix the error above and re-run "
-                     f"`make {target}` (finished stages are skipped or resumed)")
+                     f"`{again}` (finished stages are skipped or resumed)")
         timings[stage] = round(time.time() - t0, 1)
-        if files_state(run) != before:
+        if files_state(run, data) != before:
             worked.append(stage)
         else:
             print(f"=== {stage}: already complete, no file changed", flush=True)
-    t0, before = time.time(), files_state(run)
-    check = class_check(run)
+    t0, before = time.time(), files_state(run, data)
+    check = class_check(run, data, resolution)
     timings["class check"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_all, 1)
-    if files_state(run) != before:
+    if files_state(run, data) != before:
         worked.append("class check")
     if worked:  # the timings of a run that did nothing would overwrite the real ones
         atomic_write_text(Path(run, "timings.json"), json.dumps(timings, indent=2) + "\n")

@@ -141,3 +141,15 @@ def test_guidance_schedules_and_interval():
     # guidance only on the middle half of the steps
     assert [cfg_scale_at(3.0, "constant", s, total, interval=(0.25, 0.75)) for s in range(4)] == \
         [1.0, 3.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("name, size, rows_up, count", [("raster", 1, 1, 56), ("cell", 2, 2, 48),
+                                                         ("cell", 4, 4, 32), ("subsample", 2, 1, 32)])
+def test_above_is_an_earlier_element_straight_up_in_the_grid(name, size, rows_up, count):
+    order = make_order(name, 8, 8, cell=size, subsample=size)
+    above, (rows, cols) = order.above(), order.coords()
+    has = above >= 0
+    assert has.sum() == count  # not the top grid rows (subsample: nor its first row of offsets)
+    assert torch.equal(rows[above[has]], rows[has] - rows_up) and torch.equal(cols[above[has]], cols[has])
+    assert (order.step_of[above[has]] < order.step_of[has]).all()  # drafted or committed before
+    assert (make_order("whole", 8, 8).above() == -1).all()

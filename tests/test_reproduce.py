@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import reproduce
-from common.config import load_config
+from common.config import ConfigError, load_config
 from conftest import FIXTURES, ROOT
 from evaluation import InceptionExtractor, WeightsNotFoundError, make_reference, resolve_weights
 from sampling.outputs import pack_npz, write_shard
@@ -107,10 +107,9 @@ def extractor():
     torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not (FIXTURES / "llamagen_vq_tiny.pt").is_file(), reason=f"no fixtures at {FIXTURES}")
-def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
-    # the tiny GPT predicts 256 codes and the tiny VQ has 64: keep the GPT's first 64 code rows,
-    # so it speaks the VQ's codes (8x8 codes, VQ downsamples by 2: 16 px images)
+def tiny_llamagen(tmp_path, extractor, *overrides: str) -> reproduce.ReproduceConfig:
+    """LlamaGen-B's recipe on the tiny fixtures: the tiny GPT predicts 256 codes and the tiny VQ
+    has 64, so keep the GPT's first 64 code rows (8x8 codes, the VQ downsamples by 2: 16 px)."""
     state = torch.load(FIXTURES / "llamagen_gpt_c2i_tiny.pt", weights_only=True)["model"]
     for key in ("tok_embeddings.weight", "output.weight"):
         state[key] = state[key][:64].clone()
@@ -118,12 +117,17 @@ def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
     ref = tmp_path / "ref.npz"
     real = np.random.default_rng(1).integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
     make_reference(real, ref, extractor=extractor, progress=False)
-    out, table = tmp_path / "run", tmp_path / "results.md"
-    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"], [
+    return load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"], [
         f"ckpt={tmp_path / 'c2i_tiny_16.pt'}", f"tokenizer_ckpt={FIXTURES / 'llamagen_vq_tiny.pt'}",
-        f"ref={ref}", f"out={out}", f"table={table}", "image_size=16", "eval_size=12",
-        "num_images=8", "batch_size=4", "shard_size=4", "device=cpu", "nproc=1",
-        "metrics=[fid,sfid,pr]"])
+        f"ref={ref}", f"out={tmp_path / 'run'}", f"table={tmp_path / 'results.md'}", "image_size=16",
+        "eval_size=12", "num_images=8", "batch_size=4", "shard_size=4", "device=cpu", "nproc=1",
+        "metrics=[fid,sfid,pr]", *overrides])
+
+
+@pytest.mark.skipif(not (FIXTURES / "llamagen_vq_tiny.pt").is_file(), reason=f"no fixtures at {FIXTURES}")
+def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
+    cfg = tiny_llamagen(tmp_path, extractor)
+    out, table = tmp_path / "run", tmp_path / "results.md"
     result = reproduce.main(cfg, extractor)
     assert np.isfinite(result["metrics"]["fid"]) and np.isfinite(result["metrics"]["sfid"])
     assert result["reproduce"]["checkpoint"]["file"] == "c2i_tiny_16.pt"
@@ -153,6 +157,19 @@ def test_end_to_end_on_tiny_llamagen_and_resume(tmp_path, extractor):
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "metrics.json", table)}
     assert reproduce.main(cfg, extractor)["metrics"] == again["metrics"]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+
+@pytest.mark.skipif(not (FIXTURES / "llamagen_vq_tiny.pt").is_file(), reason=f"no fixtures at {FIXTURES}")
+def test_speculative_sampler_is_recorded_in_the_result_and_the_row(tmp_path, extractor):
+    cfg = tiny_llamagen(tmp_path, extractor, "sampler=coupled", "speculative.window=8")
+    result = reproduce.main(cfg, extractor)
+    record = result["sampler"]
+    assert (record["sampler"], record["speculative"]["window"], record["images"]) == ("coupled", 8, 8)
+    assert record["plain_forward_passes_per_image"] == 63  # 64 tokens, the first from the prefill
+    assert record["forward_passes_per_image"] < 63 and record["mean_accepted_length"] > 1
+    assert "coupled window 8" in (tmp_path / "results.md").read_text().splitlines()[2]
+    with pytest.raises(ConfigError, match="family=xar models need sampler=plain"):
+        load_config(reproduce.ReproduceConfig, [CONFIGS / "xar-B.yaml"], REQUIRED + ["sampler=gsd"])
 
 
 XAR_FIXTURES = FIXTURES.parent / "xar"

@@ -106,3 +106,25 @@ def test_replaced_tokenizer_is_a_clear_error(tmp_path):
     proc = run_sample(gen, f"out={tmp_path / 'g.png'}", check=False)
     assert proc.returncode != 0
     assert str(vq) in proc.stderr and "sha256 differs" in proc.stderr and "tokenizer=PATH" in proc.stderr
+
+
+@pytest.mark.parametrize("sampler", ["coupled", "gsd"])
+def test_speculative_samplers_write_grids_npz_and_their_cost(weights, tmp_path, sampler):
+    spec = [f"sampler={sampler}", "speculative.window=6", "speculative.init=above"]
+    run_sample(weights, f"out={tmp_path / 'grid.png'}", "mode=grid", "per_class=2", *spec)
+    assert Image.open(tmp_path / "grid.png").size[1] > 3 * 16
+    run_sample(weights, f"out={tmp_path / 'one'}", "mode=images", "num_images=10", *spec)
+    run_sample(weights, f"out={tmp_path / 'two'}", "mode=images", "num_images=10", *spec, nproc=2)
+    one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert one["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(one["arr_0"], two["arr_0"])
+    record = json.loads((tmp_path / "one" / "sampler.json").read_text())
+    assert record["sampler"] == sampler and record["speculative"]["window"] == 6
+    assert record["images"] == 10 and record["plain_forward_passes_per_image"] == 15  # 16 tokens
+    assert 1 <= record["forward_passes_per_image"] <= 16
+    assert record["mean_accepted_length"] == pytest.approx(16 / record["forward_passes_per_image"], abs=1e-2)
+    assert json.loads((tmp_path / "two" / "sampler.json").read_text())["forward_passes_per_image"] == \
+        record["forward_passes_per_image"]
+    settings = json.loads((tmp_path / "one" / "settings.json").read_text())
+    assert settings["sampler"] == sampler  # another sampler in this folder is refused
+    proc = run_sample(weights, f"out={tmp_path / 'one'}", "mode=images", "num_images=10", check=False)
+    assert proc.returncode != 0 and "sampler" in proc.stderr

@@ -1,0 +1,208 @@
+"""Speculative decoding: the lossless rules draw exactly plain sampling's distribution over whole
+sequences (and a deliberately broken rule is caught by the same test), the grouped rule
+computes GSD's group by hand, rows of a batch are independent, greedy decoding is unchanged."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ar.conditioning import ClassCondition
+from ar.model import ARModel, GeneratorSpec, ModelConfig
+from conftest import tiny_model
+from sampling import speculative, verify as rules
+from sampling.generate import SamplingConfig, generate
+from sampling.guidance import scale_at
+from sampling.speculative import SpeculativeConfig, generate_speculative
+
+
+def small_model(vocab: int, grid_h: int, grid_w: int, seed: int = 0, **kw) -> ARModel:
+    """A debug model over a tiny vocabulary and grid, with sharp context-dependent predictions."""
+    model_kw = dict(size="debug", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, cond_add=True)
+    model_kw.update(kw)
+    spec = GeneratorSpec(model=ModelConfig(**model_kw), vocab_size=vocab, grid_h=grid_h, grid_w=grid_w,
+                         num_classes=2, class_names=["a", "b"], resolution=grid_h * 4)
+    torch.manual_seed(seed)
+    model = ARModel(spec).eval()
+    torch.nn.init.normal_(model.head.output.weight, std=0.15)  # 2.5-3.7 nats over the sequences
+    return model
+
+
+@torch.no_grad()
+def exact_distribution(model: ARModel, label: int, settings: SamplingConfig) -> dict:
+    """Plain sampling's probability of every sequence (as a grid, row-major tuple), from the
+    teacher-forced forward pass with plain sampling's CFG and filters."""
+    order, V = model.order, model.head.vocab_size
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=order.num_tokens)))
+    cond = ClassCondition(torch.full((len(seqs),), label))
+    guided = settings.cfg_scale != 1.0
+    h = model.hidden(seqs, cond)
+    scale = None
+    if guided:
+        null = ClassCondition(torch.full((len(seqs),), model.cond.null_id))
+        h = torch.cat([h, model.hidden(seqs, null)])  # conditional rows first, as sampling's
+        scale = torch.tensor([scale_at(settings, int(s), order.num_steps) for s in order.step_of])[:, None]
+    p = model.head.probs(h, scale, settings)  # (M, N, V)
+    prob = p.gather(-1, seqs[..., None])[..., 0].prod(-1)
+    grids = order.to_grid(seqs).flatten(1)
+    return {tuple(g.tolist()): float(pr) for g, pr in zip(grids, prob)}
+
+
+def chi_square(counts: dict, probs: dict, total: int) -> tuple[float, int]:
+    """Pearson's statistic over the sequences, those expected fewer than 5 times pooled; and
+    the degrees of freedom."""
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    assert set(counts) <= {k for k, v in probs.items() if v > 0}, "a sequence of probability 0 was drawn"
+    for key, prob in probs.items():
+        expected, observed = prob * total, counts.get(key, 0)
+        if expected < 5:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+            continue
+        stat += (observed - expected) ** 2 / expected
+        cells += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    return stat, cells - 1
+
+
+def chi_square_limit(dof: int, z: float = 4.26) -> float:
+    """The chi-square quantile at about 1 - 1e-5 (Wilson-Hilferty; z is the normal quantile)."""
+    a = 2.0 / (9.0 * dof)
+    return dof * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def sampled_counts(model, label, settings, sampler, spec, n, seed=0) -> dict:
+    cond = ClassCondition(torch.full((n,), label))
+    codes, _ = generate_speculative(model, cond, torch.arange(n), seed, settings, sampler, spec)
+    counts = {}
+    for row in codes.flatten(1).tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts
+
+
+CASES = {  # name -> (vocab, grid h, grid w, model options, window): 81 and 256 sequences
+    "raster": (3, 2, 2, dict(), 3),
+    "cell": (2, 2, 4, dict(order="cell", cell=2), 2),
+}
+SETTINGS = SamplingConfig(cfg_scale=2.0, cfg_schedule="linear", top_p=0.95)
+N_SAMPLES = 6000  # broken rule: statistic ~900 against a limit of 110; lossless ones 50-65
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("sampler,init", [("sjd", "random"), ("coupled", "above"), ("coupled", "random")])
+def test_lossless_rules_draw_plain_samplings_distribution(case, sampler, init):
+    vocab, gh, gw, kw, window = CASES[case]
+    model = small_model(vocab, gh, gw, **kw)
+    probs = exact_distribution(model, 1, SETTINGS)
+    counts = sampled_counts(model, 1, SETTINGS, sampler, SpeculativeConfig(window=window, init=init), N_SAMPLES)
+    stat, dof = chi_square(counts, probs, N_SAMPLES)
+    assert stat < chi_square_limit(dof), (stat, dof)
+
+
+def _residual_from_p(rule, p, q, drafts, u, noise, group=None):
+    """A classic bug: a rejected slot draws from p itself instead of the residual."""
+    accepted, _, redrawn, q_next = rules.verify("sjd", p, q, drafts, u, noise, group)
+    return accepted, torch.where(accepted, drafts, rules.race(p, noise)), redrawn, q_next
+
+
+def test_the_distribution_test_catches_a_broken_rule(monkeypatch):
+    vocab, gh, gw, kw, window = CASES["raster"]
+    model = small_model(vocab, gh, gw, **kw)
+    probs = exact_distribution(model, 1, SETTINGS)
+    monkeypatch.setattr(speculative, "verify", _residual_from_p)
+    counts = sampled_counts(model, 1, SETTINGS, "sjd", SpeculativeConfig(window=window, init="above"), N_SAMPLES)
+    stat, dof = chi_square(counts, probs, N_SAMPLES)
+    assert stat > chi_square_limit(dof), (stat, dof)
+
+
+def test_plain_sampling_passes_the_same_test():
+    """The test's own check: plain sampling's counts fit its exact distribution."""
+    vocab, gh, gw, kw, _ = CASES["cell"]
+    model = small_model(vocab, gh, gw, **kw)
+    probs = exact_distribution(model, 0, SETTINGS)
+    codes = generate(model, ClassCondition(torch.zeros(N_SAMPLES, dtype=torch.long)),
+                     torch.arange(N_SAMPLES), 1, SETTINGS)
+    counts = {}
+    for row in codes.flatten(1).tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    stat, dof = chi_square(counts, probs, N_SAMPLES)
+    assert stat < chi_square_limit(dof), (stat, dof)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(order="cell", cell=2)])
+@pytest.mark.parametrize("sampler", ["sjd", "coupled", "gsd"])
+def test_greedy_speculative_decoding_equals_greedy_plain_decoding(kw, sampler):
+    model = tiny_model(**kw)
+    cond, ids = ClassCondition(torch.tensor([0, 1, 2, 1])), torch.arange(4)
+    settings = SamplingConfig(temperature=0.0, cfg_scale=2.0)
+    plain = generate(model, cond, ids, 0, settings)
+    for window, init in [(1, "random"), (4, "above"), (16, "random")]:
+        codes, stats = generate_speculative(model, cond, ids, 0, settings, sampler,
+                                            SpeculativeConfig(window=window, init=init))
+        assert torch.equal(codes, plain), (window, init)
+        assert stats.steps == 4 * model.order.num_steps and stats.passes <= stats.steps
+
+
+@pytest.mark.parametrize("sampler", ["sjd", "coupled", "gsd"])
+def test_each_row_gets_what_it_gets_alone(sampler):
+    model = tiny_model(order="cell", cell=2, grid=8)
+    settings = SamplingConfig(cfg_scale=1.5, top_k=20)
+    spec = SpeculativeConfig(window=5, init="above", gsd_d_threshold=10.0)
+    labels, ids = torch.tensor([2, 0, 1, 1, 0]), torch.tensor([7, 3, 11, 4, 9])
+    together, stats = generate_speculative(model, ClassCondition(labels), ids, 5, settings, sampler, spec)
+    alone = [generate_speculative(model, ClassCondition(labels[i:i + 1]), ids[i:i + 1], 5, settings,
+                                  sampler, spec) for i in range(5)]
+    assert torch.equal(together, torch.cat([codes for codes, _ in alone]))
+    assert stats.passes == sum(s.passes for _, s in alone)
+    assert stats.batch_passes == max(s.batch_passes for _, s in alone)
+    # rows do not advance in lockstep: some need fewer passes than the batch ran
+    assert min(s.passes for _, s in alone) < stats.batch_passes
+
+
+def test_grouped_mass_by_hand():
+    # vocabulary of 6; ascending target order: 5, 4, 3, 2, 1, 0 (token 0 the most likely)
+    p = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.04])[None, None]
+    q = torch.tensor([0.10, 0.10, 0.40, 0.10, 0.10, 0.20])[None, None]
+    embeddings = torch.tensor([[0.0], [0.5], [0.0], [0.6], [2.0], [0.1]])
+    draft = torch.tensor([[2]])  # rank 3 in ascending order
+    # ranks 3 - 2 .. 3 + 1 -> tokens 4, 3, 2, 1; |p - 0.2| < 0.12 drops token 4 (0.14 away);
+    # squared distance to token 2's embedding < 0.3 drops token 3 (0.36)
+    mass_p, mass_q = rules.grouped_mass(p, q, draft, embeddings, 2, 0.12, 0.3)
+    assert mass_p.item() == pytest.approx(0.20 + 0.25)  # tokens 2 and 1
+    assert mass_q.item() == pytest.approx(0.40 + 0.10)
+    # at the top of the order the window (ranks 3..6) is cut at the vocabulary's end: ranks
+    # 3..5, tokens 2, 1, 0
+    mass_p, mass_q = rules.grouped_mass(p, q, torch.tensor([[0]]), embeddings, 2, 1.0, 10.0)
+    assert (mass_p.item(), mass_q.item()) == pytest.approx((0.75, 0.60))
+    # the draft is always in its group, so the test never divides by zero
+    mass_p, mass_q = rules.grouped_mass(p, q, draft, embeddings, 7, 1e-6, 1e-6)
+    assert (mass_p.item(), mass_q.item()) == pytest.approx((0.20, 0.40))
+
+
+def test_gsd_accepts_more_than_sjd_on_the_same_drafts():
+    p = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.04]).expand(1, 3, 6)
+    q = torch.tensor([0.02, 0.02, 0.90, 0.02, 0.02, 0.02]).expand(1, 3, 6)
+    drafts = torch.tensor([[2, 2, 2]])
+    u = torch.tensor([[0.3, 0.5, 0.9]])  # p/q = 0.22: sjd rejects all three
+    noise = torch.full((1, 3, 6), 0.5)
+    assert not rules.verify("sjd", p, q, drafts, u, noise)[0].any()
+    group = (torch.zeros(6, 1), 7, 1.0, 1.0)  # every token joins: sum p / sum q = 1
+    assert rules.verify("gsd", p, q, drafts, u, noise, group)[0].all()
+    group = (torch.zeros(6, 1), 1, 1.0, 1.0)  # tokens 3 and 2: (0.15 + 0.2) / (0.02 + 0.9) = 0.38
+    assert rules.verify("gsd", p, q, drafts, u, noise, group)[0].tolist() == [[True, False, False]]
+
+
+def test_unsupported_models_are_refused_by_name():
+    from test_next_scale import tiny_scale_model
+    cond, ids = ClassCondition(torch.tensor([0])), torch.arange(1)
+    with pytest.raises(ValueError, match="next_scale.*sampler=plain"):
+        generate_speculative(tiny_scale_model(), cond, ids, 0, SamplingConfig(), "sjd", SpeculativeConfig())
+    from test_flow import flow_model
+    with pytest.raises(ValueError, match="flow model.*sampler=plain"):
+        generate_speculative(flow_model(), cond, ids, 0, SamplingConfig(), "coupled", SpeculativeConfig())
+    with pytest.raises(ValueError, match="sampler='beam'"):
+        generate_speculative(tiny_model(), cond, ids, 0, SamplingConfig(), "beam", SpeculativeConfig())
