@@ -31,14 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ar.conditioning import ClassCondition  # noqa: E402
-from bench.report import print_table  # noqa: E402
+from bench.report import print_table, seconds_per_call  # noqa: E402
 from common.config import check_fields, load_config, parse_cli  # noqa: E402
 from common.dist import get_logger  # noqa: E402
 from common.io import atomic_write_text  # noqa: E402
 from sampling.outputs import decode_codes  # noqa: E402
+from sampling.guidance import step_scales  # noqa: E402
 from sampling.run import SampleRunConfig, load_models  # noqa: E402
 from sampling.speculative import SpeculativeConfig, SpeculativeStats, plain_passes, sample_codes  # noqa: E402
-from scripts.quickstart import DATA, DATA_OF, PIPELINES  # noqa: E402
+from scripts.quickstart import PIPELINES, dataset_of, stage_arg  # noqa: E402
 
 
 @dataclass
@@ -87,10 +88,7 @@ def model_files(name: str) -> tuple[str, str, int, str]:
     if name not in ("quickstart", *PIPELINES):
         raise SystemExit(f"models: unknown {name!r}; choose from {['quickstart', *PIPELINES]}")
     run, stages = PIPELINES["token" if name == "quickstart" else name]
-    grid = dict(stages)["grid"]
-    sample_config = grid[grid.index("--config") + 1]
-    data, resolution = DATA_OF.get(name, (DATA, 32))
-    return run, data, resolution, sample_config
+    return (run, *dataset_of(stages), stage_arg(stages, "grid", "--config"))
 
 
 def draw(model, settings, sampler, spec, ids, classes, batch, seed=0):
@@ -113,7 +111,7 @@ def mean_entropy(model, codes: torch.Tensor, labels: torch.Tensor, settings) -> 
     scale = None
     if settings.cfg_scale != 1.0:
         h = torch.cat([h, model.hidden(seq, ClassCondition(torch.full_like(labels, model.cond.null_id)))])
-        scale = settings.cfg_scale  # the settings here are constant-schedule
+        scale = step_scales(settings, model.order.num_steps)[model.order.step_of][:, None]  # (N, 1)
     p = model.head.probs(h, scale, settings)
     return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
 
@@ -142,18 +140,17 @@ def quality(cfg, name, model, tokenizer, settings, row, score_fn) -> dict:
 
 
 def timing(cfg, model, settings, row) -> dict:
+    """Seconds per image at batch 1 and at `cfg.batch`, each call on images not drawn before."""
     sampler, spec, _ = parse_row(row)
-    classes = model.spec.num_classes
-    draw(model, settings, sampler, spec, torch.arange(2), classes, 1)  # warm-up
-    t0 = time.perf_counter()
-    draw(model, settings, sampler, spec, torch.arange(cfg.latency_images), classes, 1)
-    latency = (time.perf_counter() - t0) / cfg.latency_images
-    draw(model, settings, sampler, spec, torch.arange(cfg.batch), classes, cfg.batch)  # warm-up
-    t0 = time.perf_counter()
-    for r in range(cfg.batch_repeats):
-        draw(model, settings, sampler, spec, torch.arange(cfg.batch) + (r + 1) * cfg.batch, classes, cfg.batch)
-    per_image = (time.perf_counter() - t0) / (cfg.batch_repeats * cfg.batch)
-    return {"latency_s": latency, "batch_s_per_image": per_image}
+    cpu = torch.device("cpu")
+
+    def batches(size: int):
+        first = iter(range(0, 1 << 30, size))
+        return lambda: draw(model, settings, sampler, spec, torch.arange(size) + next(first),
+                            model.spec.num_classes, size)
+
+    return {"latency_s": seconds_per_call(batches(1), cpu, cfg.latency_images),
+            "batch_s_per_image": seconds_per_call(batches(cfg.batch), cpu, cfg.batch_repeats) / cfg.batch}
 
 
 def bench_model(cfg: SpeculativeBenchConfig, name: str) -> list[dict]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 CFG_SCHEDULES = ("constant", "linear", "linear_full", "power", "cosine")
 
 
@@ -45,6 +47,11 @@ def cfg_scale_at(scale: float, schedule: str, step: int, total: int, power: floa
     if schedule == "linear_full":
         return 1.0 + (scale - 1.0) * (step / (total - 1) if total > 1 else 1.0)
     return 1.0 + (scale - 1.0) * schedule_value(schedule, frac, power)
+
+
+def step_scales(settings, total: int, device=None):
+    """The scale of every step (total,) as a tensor, for loops that index steps per row."""
+    return torch.tensor([scale_at(settings, s, total) for s in range(total)], device=device)
 
 
 def scale_at(settings, step: int, total: int) -> float:

@@ -131,7 +131,7 @@ def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, lo
         batch, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
                                     cfg.sampler, cfg.speculative)
         codes.append(batch)
-        cost.add(stats or SpeculativeStats())
+        cost.add(stats)
     images = decode_codes(tokenizer, torch.cat(codes))
     written = save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
     done = "wrote" if written else "kept (the same grid, byte for byte)"
@@ -214,7 +214,7 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
             codes, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
                                         cfg.sampler, cfg.speculative, extend_fn)
             images.append(decode_codes(tokenizer, codes))
-            cost.add(stats or SpeculativeStats())
+            cost.add(stats)
             bar.update(len(i))
         try:
             write_shard(out, k, ids.cpu().numpy(), np.concatenate(images), labels.cpu().numpy(),

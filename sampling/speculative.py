@@ -26,7 +26,7 @@ with q = one-hot(x) is accepted with probability p(x), and otherwise p without x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from ar.conditioning import ClassCondition
 from common.config import check_fields
 from sampling import noise
 from sampling.generate import extend, generate
-from sampling.guidance import scale_at
+from sampling.guidance import step_scales
 from sampling.verify import RULES, verify
 
 SAMPLERS = ("plain", *RULES)
@@ -65,9 +65,12 @@ class SpeculativeStats:
     passes: int = 0  # forward passes each image needed, summed (its window's verifications)
     batch_passes: int = 0  # forward passes run (a batch runs until its slowest row is done)
 
-    def add(self, other: "SpeculativeStats") -> None:
-        for name in ("images", "steps", "tokens", "passes", "batch_passes"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def add(self, other: "SpeculativeStats | None") -> None:
+        """Sum in another run's costs (None: a continuous model's, which are not counted)."""
+        if other is None:
+            return
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def summary(self) -> dict:
         """Per image: forward passes, and tokens committed per pass (the mean accepted length,
@@ -135,8 +138,7 @@ def generate_speculative(model, cond: ClassCondition, image_ids: torch.Tensor, s
     copies = len(rows) // B
     extend_fn = extend_fn or extend
     keys = noise.image_keys(seed, image_ids.to(device), noise.STREAM_SPECULATIVE)
-    scales = (torch.tensor([scale_at(settings, s, S) for s in range(S)], device=device)
-              if guided else None)  # (S,): each step's guidance scale, as plain sampling's
+    scales = step_scales(settings, S, device) if guided else None  # (S,): as plain sampling's
     step_of = order.step_of.to(device)
     group = None
     if sampler == "gsd":
@@ -159,7 +161,7 @@ def generate_speculative(model, cond: ClassCondition, image_ids: torch.Tensor, s
     while bool((done < S).any()):  # one host sync per forward pass
         active = done < S
         elements = done[:, None] * G + slots  # (B, T) the window, possibly past the end
-        fed = elements.clamp(max=N - 1)
+        fed = elements.clamp(max=N - 1)  # what the window's slots feed
         x, pos = model.inputs.elements(model, fed.repeat(copies, 1), seq[:, :N], vector, prefix)
         h = extend_fn(model, x, pos, ada)  # (R, T, D)
         scale = scales[step_of[fed]][..., None] if guided else None  # (B, T, 1)

@@ -75,8 +75,21 @@ PIPELINES = {
     "jitter64": ("runs/jitter64", stages("runs/jitter64", "vq_jitter64", "vq", "codes", "jitter64",
                                          data="data/shapes64j", resolution=64, jitter=True)),
 }
-DATA_OF = {"jitter64": ("data/shapes64j", 64)}  # the others: DATA at 32 px
+QUICKSTARTS = ("token", "flow", "scale")  # `make quickstart[-name]`; the others run as scripts
 RUN, STAGES = PIPELINES["token"]
+
+
+def stage_arg(pipeline: list, stage: str, key: str) -> str:
+    """The value of `key=` (or of the option `key`) in one stage's command."""
+    cmd = dict(pipeline)[stage]
+    if key.startswith("--"):
+        return cmd[cmd.index(key) + 1]
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"{key}="))
+
+
+def dataset_of(pipeline: list) -> tuple[str, int]:
+    """(data folder, resolution) the pipeline's dataset stage writes."""
+    return stage_arg(pipeline, "dataset", "out"), int(stage_arg(pipeline, "dataset", "resolution"))
 
 
 def display(cmd: list[str]) -> str:
@@ -115,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     if name not in PIPELINES or len(args) > 1:
         sys.exit(f"usage: scripts/quickstart.py [{' | '.join(PIPELINES)}]")
     run, pipeline = PIPELINES[name]
-    data, resolution = DATA_OF.get(name, (DATA, 32))
-    again = (f"python scripts/quickstart.py {name}" if name in DATA_OF else
+    data, resolution = dataset_of(pipeline)
+    again = (f"python scripts/quickstart.py {name}" if name not in QUICKSTARTS else
              "make quickstart" + ("" if name == "token" else f"-{name}"))
     os.chdir(ROOT)
     timings, worked = {}, []
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"\n=== quickstart: every stage was already complete; nothing changed "
               f"({run}/timings.json keeps the times of the run that did the work)")
-    tok_dir = next(a.split("=", 1)[1] for a in dict(pipeline)["tokenizer"] if a.startswith("out_dir="))
+    tok_dir = stage_arg(pipeline, "tokenizer", "out_dir")
     tok = json.loads(Path(tok_dir, "summary.json").read_text())
     gen = json.loads(Path(run, "gen", "summary.json").read_text())
     fid = json.loads(Path(run, "metrics.json").read_text())["metrics"]

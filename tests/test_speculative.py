@@ -15,7 +15,7 @@ from ar.model import ARModel, GeneratorSpec, ModelConfig
 from conftest import tiny_model
 from sampling import speculative, verify as rules
 from sampling.generate import SamplingConfig, generate
-from sampling.guidance import scale_at
+from sampling.guidance import step_scales
 from sampling.speculative import SpeculativeConfig, generate_speculative
 
 
@@ -44,7 +44,7 @@ def exact_distribution(model: ARModel, label: int, settings: SamplingConfig) -> 
     if guided:
         null = ClassCondition(torch.full((len(seqs),), model.cond.null_id))
         h = torch.cat([h, model.hidden(seqs, null)])  # conditional rows first, as sampling's
-        scale = torch.tensor([scale_at(settings, int(s), order.num_steps) for s in order.step_of])[:, None]
+        scale = step_scales(settings, order.num_steps)[order.step_of][:, None]
     p = model.head.probs(h, scale, settings)  # (M, N, V)
     prob = p.gather(-1, seqs[..., None])[..., 0].prod(-1)
     grids = order.to_grid(seqs).flatten(1)
