@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.argen-installed
 
-.PHONY: quickstart quickstart-flow quickstart-scale test install inception clean-runs
+.PHONY: quickstart quickstart-flow quickstart-scale quickstart-t2i test install inception clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ quickstart-flow: $(STAMP) inception
 quickstart-scale: $(STAMP) inception
 	$(BIN)/python scripts/quickstart.py scale
 
+# text-to-image: captions as BPE tokens in one sequence with the image tokens, samples drawn for
+# the held-out captions and scored for prompt following
+quickstart-t2i: $(STAMP) inception
+	$(BIN)/python scripts/quickstart.py t2i
+
 test: $(STAMP) inception
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:
-	rm -rf runs/quickstart runs/quickstart_flow runs/quickstart_scale data/shapes32
+	rm -rf runs/quickstart runs/quickstart_flow runs/quickstart_scale runs/quickstart_t2i data/shapes32

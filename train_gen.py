@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
                            load_resume, save_resume)
-from ar.conditioning import ClassCondition
-from ar.data import BatchStream, CodeCache, LatentCache, ScaleCodeCache, open_cache
+from ar.data import BatchStream, CaptionCache, CodeCache, LatentCache, ScaleCodeCache, open_cache
 from ar.ema import EMA
 from ar.engine import batch_layout, build_engine, train_step
-from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, tokenizer_kind
+from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, TextSpec, tokenizer_kind
 from ar.optim import lr_at
 from common import dist
 from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
@@ -64,7 +63,7 @@ class TrainConfig:
     decay_start: float = 0.0  # cosine, linear: constant until this fraction of max_steps, then decay (xAR: 0.75)
     min_lr_ratio: float = 0.0  # the decay's floor as a fraction of lr (VAR: 0.01)
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
+    cond_dropout: float = 0.1  # probability a label is replaced by the null class, or a caption by the empty one (for CFG)
     ema_decay: float = 0.9999  # EMA of the weights (the exported ones)
     ema_warmup: bool = True  # ramp the EMA decay up as (1+s)/(10+s) early in training
     precision: str = "auto"  # auto (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) | bf16 | fp32
@@ -94,6 +93,7 @@ class TrainConfig:
 @dataclass
 class GridConfig:
     classes: Optional[List[int]] = None  # class ids, one grid row each; None: all (at most 16)
+    prompts: Optional[List[str]] = None  # text models: one grid row per prompt; None: 8 of the cache's captions
     per_class: int = 8  # images per row
     seed: int = 0  # noise seed of the grid
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # how grid images are drawn
@@ -145,7 +145,26 @@ def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
     return cache
 
 
-def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache) -> GeneratorSpec:
+def open_captions(cfg: RunConfig, cache) -> CaptionCache | None:
+    """The cache's caption side for a text model (named errors when it has none)."""
+    if cfg.model.condition != "text":
+        return None
+    return CaptionCache(cfg.data.codes, cache.count)
+
+
+def text_spec(captions: CaptionCache | None) -> TextSpec:
+    if captions is None:
+        return TextSpec()
+    m = captions.meta
+    tok, encoder = m.get("tokenizer") or {}, m.get("encoder") or {}
+    return TextSpec(kind=m["kind"], max_tokens=captions.max_tokens, tokenizer=tok.get("kind", ""),
+                    tokenizer_json=captions.tokenizer_json(), vocab_size=tok.get("vocab_size", 0),
+                    channels=m.get("channels", 0), encoder=encoder.get("path", ""),
+                    encoder_sha256=encoder.get("sha256", ""))
+
+
+def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache,
+              captions: CaptionCache | None = None) -> GeneratorSpec:
     """The architecture: the model config plus what the cache dictates."""
     tok = cache.meta["tokenizer"]
     multiscale = MultiScaleSpec()
@@ -158,14 +177,27 @@ def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache) -> GeneratorSpec:
                          grid_h=cache.grid_h,
                          grid_w=cache.grid_w, num_classes=cache.num_classes,
                          class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
-                         tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"])
+                         tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"],
+                         text=text_spec(captions))
+
+
+def grid_prompts(cfg: RunConfig) -> list[str]:
+    """The grid's prompts: grid.prompts, or 8 captions spread over the cache."""
+    if cfg.grid.prompts:
+        return list(cfg.grid.prompts)
+    from tokenizer.text_cache import read_captions
+
+    captions = read_captions(Path(cfg.data.codes))
+    return [captions[i * len(captions) // 8] for i in range(min(8, len(captions)))]
 
 
 @torch.no_grad()
 def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Path, log) -> None:
-    """A grid (one row per class) from the EMA weights, if the tokenizer file is at hand."""
+    """A grid (one row per class, or per prompt) from the EMA weights, if the tokenizer file
+    is at hand."""
     from sampling.generate import generate
     from sampling.outputs import decode_codes, save_grid
+    from sampling.prompts import grid_rows
     from tokenizer import load_tokenizer
 
     if not Path(spec.tokenizer_path).is_file():
@@ -173,12 +205,17 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
         return
     device = ema_model.levels.device
     tokenizer = load_tokenizer(spec.tokenizer_path, device=device)
+    prompts = grid_prompts(cfg) if spec.text.kind else None
+    if spec.text.kind == "features" and not Path(spec.text.encoder).is_dir():
+        log.warning(f"text encoder {spec.text.encoder} not found: no grid written")
+        return
     classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
-    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.grid.per_class)
-    codes = generate(ema_model, ClassCondition(labels), torch.arange(len(labels), device=device), cfg.grid.seed,
+    rows, names = grid_rows(ema_model, classes, prompts, device)
+    cond = rows.repeat_rows(cfg.grid.per_class)
+    codes = generate(ema_model, cond, torch.arange(len(cond), device=device), cfg.grid.seed,
                      cfg.grid.sampling)
     images = decode_codes(tokenizer, codes)
-    save_grid(images, cfg.grid.per_class, path, [spec.class_names[c] for c in classes])
+    save_grid(images, cfg.grid.per_class, path, names)
     log.info(f"wrote {path}")
 
 
@@ -205,7 +242,8 @@ def copy_quantizer(model: ARModel, spec: GeneratorSpec) -> None:
     model.inputs.load_quantizer(load_tokenizer(path, device=model.levels.device))
 
 
-def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache) -> dict:
+def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache,
+                 captions: CaptionCache | None = None) -> dict:
     """What this run trains on and the settings that define it, stored with every checkpoint."""
     meta = cache.meta
     size = {"codebook_size": meta["codebook_size"]} if "codebook_size" in meta else \
@@ -214,6 +252,8 @@ def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache) -> dict:
             **size, "count": meta["count"],
             "num_classes": meta["num_classes"], "resolution": meta["resolution"],
             "variants": list(meta["variants"])}
+    if captions is not None:
+        data["text"] = {k: captions.meta[k] for k in ("kind", "max_tokens", "captions_sha256", "settings")}
     return {"data": data, "model": asdict(cfg.model),
             "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
 
@@ -253,8 +293,9 @@ def main(cfg: RunConfig) -> dict:
         torch.set_num_threads(cfg.train.threads)
     run = Path(cfg.out_dir)
     cache = open_training_cache(cfg)
-    spec = make_spec(cfg, cache)
-    identity = run_identity(cfg, cache)
+    captions = open_captions(cfg, cache)
+    spec = make_spec(cfg, cache, captions)
+    identity = run_identity(cfg, cache, captions)
     micro, accum = batch_layout(cfg.train, info.world_size)
     ckpt, done = check_resume(cfg, run, identity, log)
     if done is not None:
@@ -268,6 +309,8 @@ def main(cfg: RunConfig) -> dict:
     model = ARModel(spec).to(info.device)
     if spec.multiscale.patch_nums:
         copy_quantizer(model, spec)
+    if captions is not None:  # the empty caption, what dropped captions become (saved with the weights)
+        model.cond.null_text.copy_(torch.from_numpy(captions.null))
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
     eng = build_engine(cfg.train, model, info, micro, accum)
     torch.manual_seed(cfg.train.seed * info.world_size + info.rank + 1)  # dropout differs per rank
@@ -294,7 +337,7 @@ def main(cfg: RunConfig) -> dict:
 
         writer = SummaryWriter(str(run / "tb"), purge_step=step)
 
-    stream = BatchStream(cache, cfg.train.seed, cfg.train.cond_dropout)
+    stream = BatchStream(cache, cfg.train.seed, cfg.train.cond_dropout, captions)
     model.train()
     t_log = time.time()
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not info.is_main)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ar.conditioning import ClassCondition
+from ar.conditioning import ClassCondition, TextCondition
 from tokenizer.kl_loss import sample, split_moments
 
 _NOISE_TAG = 0x4C41544E  # keeps latent-noise seeds apart from the epoch orders' ([seed, epoch])
@@ -168,12 +168,46 @@ def open_cache(path: str | Path) -> CodeCache | ScaleCodeCache | LatentCache:
     return CACHES[read_meta(path)["kind"]](path)
 
 
+class CaptionCache:
+    """A cache's caption side (OUT/text/, tokenizer/text_cache.py), memory-mapped: caption
+    tokens (N, T) or encoder features (N, T, C), one row per cached image, and the empty
+    caption's row (`null`) that a dropped caption becomes."""
+
+    def __init__(self, path: str | Path, count: int):
+        from tokenizer.text_cache import TEXT_DIR, read_text_meta
+
+        self.path = Path(path)
+        self.meta = read_text_meta(self.path)  # named errors: no caption side, stale captions
+        folder = self.path / TEXT_DIR
+        self.kind, self.max_tokens = self.meta["kind"], int(self.meta["max_tokens"])
+        self.rows = np.load(folder / ("tokens.npy" if self.kind == "tokens" else "features.npy"),
+                            mmap_mode="r")
+        self.null = np.load(folder / "null.npy")
+        if len(self.rows) != count:
+            raise ValueError(f"{folder} holds {len(self.rows)} captions for a cache of {count} "
+                             f"images; run the encode command again to remake it")
+
+    def tokenizer_json(self) -> str:
+        """The trained caption tokenizer (bpe), or "" (byte, features)."""
+        file = (self.meta.get("tokenizer") or {}).get("file")
+        return (self.path / "text" / file).read_text() if file else ""
+
+    def get(self, indices: np.ndarray, drop: np.ndarray) -> TextCondition:
+        rows = np.array(self.rows[np.sort(indices)])[np.argsort(np.argsort(indices))]
+        rows[drop] = self.null
+        dtype = np.int64 if self.kind == "tokens" else np.float32
+        return TextCondition(torch.from_numpy(rows.astype(dtype)))
+
+
 class BatchStream:
     """Deterministic global batches: `batch(offset, size)` = the `size` samples that follow
-    the first `offset` samples of the run."""
+    the first `offset` samples of the run. With `captions`, the conditions are the images'
+    captions (text-to-image), else their class labels."""
 
-    def __init__(self, cache: CodeCache | LatentCache, seed: int, cond_dropout: float):
+    def __init__(self, cache: CodeCache | LatentCache, seed: int, cond_dropout: float,
+                 captions: CaptionCache | None = None):
         self.cache, self.seed, self.cond_dropout = cache, seed, cond_dropout
+        self.captions = captions
 
     @lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -197,12 +231,18 @@ class BatchStream:
             offset, size = offset + take, size - take
         return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition]:
+    def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition | TextCondition]:
         """Codes (size, h, w) or (size, L) int64, or scaled latents (size, C, h, w) float32
         sampled from the cached posteriors, and their conditions, dropped ones set to the null
-        class."""
+        class (or the empty caption)."""
         indices, variants, drop = self.plan(offset, size)
+        if self.captions is not None:
+            # a caption describes the original image only ("at the top left" is wrong for its
+            # mirror image): text models train on variant 0
+            variants = np.zeros_like(variants)
         codes = self.cache.items(indices, variants, self.seed, offset)
+        if self.captions is not None:
+            return codes, self.captions.get(indices, drop)
         labels = self.cache.labels[indices].copy()
         labels[drop] = self.cache.num_classes  # the null class
         return codes, ClassCondition(torch.from_numpy(labels))

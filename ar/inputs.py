@@ -21,12 +21,17 @@ The sequence is [condition prefix (P positions)] + the inputs' positions. An inp
     next_group   discrete next-X: element i of step s sees the token at the same index of step
                  s - 1 (learned start embeddings for step 0) and predicts its own token; a whole
                  step is fed, and predicted, at once
+    shuffle      Token-Shuffle: each step's G tokens (a k x k cell: s = k) are fused into one
+                 position (ar/shuffle.py), which predicts the next step's G tokens through the
+                 unshuffle; step 0 is predicted by the last prefix position. Plain causal over
+                 S = N / G positions; with steps of one (raster) it is next_token exactly
     flow         continuous next-X (xAR): element i sees its own noisy latent x_t through a
                  Linear and predicts its velocity; the step's t enters through the adaLN
                  vector (`time_vectors`). Block-causal inclusive, as next_group. In training
                  every step has its own t (noisy context); in sampling the finished previous
                  step is fed again clean (t = 0) so that the KV cache holds clean context.
-Next-scale and token-shuffle inputs will implement the same.
+Next-scale inputs implement the same. Every kind also says where the predictions are read
+(`predictions`, `draw_states`) and the grid coordinates of its positions for RoPE (`coords`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import nn
 
 from ar.conditioning import TimestepEmbedder
 from ar.orders import CPU, Order  # buffers are built on the CPU, even under a meta device
+from ar.shuffle import TokenFuse, TokenUnshuffle
 from tokenizer.msvq import MSVQConfig, MultiScaleQuantizer
 
 
@@ -44,7 +50,24 @@ def _block_causal(blocks: torch.Tensor) -> bool:
     return bool((blocks[1:] > blocks[:-1]).all())
 
 
-class NextTokenInputs(nn.Module):
+class _Inputs(nn.Module):
+    """What every kind shares: where the predictions of the sequence's elements are read."""
+
+    def predictions(self, h: torch.Tensor) -> torch.Tensor:
+        """The states predicting each sequence element (B, N, D) from all positions' (B, L, D)."""
+        return h[:, self.out_positions]
+
+    def draw_states(self, h: torch.Tensor, size: int) -> torch.Tensor:
+        """The states that draw a step of `size` elements from the output of the extend (or
+        prefill) that fed its inputs (R, T, D): its last `size` positions."""
+        return h[:, h.shape[1] - size:]
+
+    def coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid (rows, cols) of the input at position P + i, for i = 0 .. at least length - 1."""
+        return self.order.coords()
+
+
+class NextTokenInputs(_Inputs):
     kind = "next_token"
     timed = False  # no flow time in the adaLN vector
     # the tokenizer (and code cache) kind the model is trained on; "discrete" inputs are the
@@ -80,7 +103,7 @@ class NextTokenInputs(nn.Module):
         return x, self.out_positions[elements]
 
 
-class _OwnStepInputs(nn.Module):
+class _OwnStepInputs(_Inputs):
     """Position P + i holds an input for sequence element i and predicts it; a step's
     positions form one attention block, the prefix a block before every step."""
 
@@ -158,7 +181,7 @@ class FlowInputs(_OwnStepInputs):
         return class_vector + self.time_embed(t).to(class_vector.dtype)
 
 
-class NextScaleInputs(nn.Module):
+class NextScaleInputs(_Inputs):
     kind = "next_scale"
     timed = False
     tokenizer_kind = "multiscale"
@@ -216,5 +239,61 @@ class NextScaleInputs(nn.Module):
         return self._embed(self._features(seq, s, s), vector), self.out_positions[lo:hi]
 
 
+class ShuffleInputs(_Inputs):
+    kind = "shuffle"
+    timed = False
+    tokenizer_kind = "discrete"
+
+    def __init__(self, order: Order, prefix: int, dim: int, spec=None):
+        super().__init__()
+        if prefix < 1:
+            raise ValueError("model.inputs=shuffle predicts the first step from the last prefix "
+                             "position: it needs a condition prefix (model.cond_tokens >= 1)")
+        self.order, self.prefix = order, prefix
+        self.group = order.group_size  # G tokens per position (s x s for a cell order)
+        self.length = order.num_steps - 1  # the last step is never an input
+        blocks = spec.model.shuffle_blocks if spec is not None else 2
+        self.fuse = TokenFuse(dim, self.group, blocks)
+        self.unshuffle = TokenUnshuffle(dim, self.group, blocks)
+        # position P - 1 + s predicts step s, so element i is predicted at P - 1 + step_of[i]
+        self.register_buffer("out_positions", order.step_of + prefix - 1, persistent=False)
+        self.register_buffer("blocks", torch.arange(prefix + self.length, device=CPU), persistent=False)
+        self.causal = True
+
+    def initialize(self) -> None:
+        self.fuse.initialize()
+        self.unshuffle.initialize()
+
+    def _fused(self, model, tokens: torch.Tensor, vector) -> torch.Tensor:
+        """Tokens (B, n * G) of n whole steps -> their fused inputs (B, n, D)."""
+        x = model.embed_tokens(tokens, vector)  # (B, n * G, D)
+        return self.fuse(x.unflatten(1, (-1, self.group)))  # (B, n, D)
+
+    def teacher_forced(self, model, seq: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        return self._fused(model, seq[:, :-self.group], vector)  # (B, S - 1, D)
+
+    def predictions(self, h: torch.Tensor) -> torch.Tensor:
+        steps = h[:, self.prefix - 1:self.prefix - 1 + self.order.num_steps]  # (B, S, D)
+        return self.unshuffle(steps).flatten(1, 2)  # (B, N, D)
+
+    def draw_states(self, h: torch.Tensor, size: int) -> torch.Tensor:
+        return self.unshuffle(h[:, -1])  # (R, G, D): the last fed position predicts the step
+
+    def step(self, model, s: int, seq: torch.Tensor, vector: torch.Tensor | None, rows: int):
+        if s == 0:
+            return None  # the prefill's last position predicts step 0
+        lo, hi = self.order.span(s - 1)
+        pos = self.out_positions[hi:hi + 1]  # where step s - 1 goes in: P + s - 1
+        return self._fused(model, seq[:, lo:hi], vector), pos
+
+    def coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fused position sits at its step's mean grid coordinate over s = sqrt(G): the
+        cell grid's coordinates for s x s cells (up to a constant), the token's for s = 1."""
+        rows, cols = self.order.coords()
+        scale = self.group ** 0.5
+        mean = lambda c: c.double().view(-1, self.group).mean(1) / scale  # noqa: E731
+        return mean(rows), mean(cols)
+
+
 INPUTS = {"next_token": NextTokenInputs, "next_group": NextGroupInputs, "flow": FlowInputs,
-          "next_scale": NextScaleInputs}
+          "next_scale": NextScaleInputs, "shuffle": ShuffleInputs}

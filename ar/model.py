@@ -21,12 +21,14 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ar.conditioning import ClassCondition, LabelEmbedder
+from ar.conditioning import ClassCondition, LabelEmbedder, TextCondition, TextEmbedder
 from ar.heads import HEADS, FlowHeadConfig, TokenHeadConfig
 from ar.inputs import INPUTS
 from ar.orders import CPU, ORDERS, make_order
 from ar.transformer import Transformer, TransformerArgs, find_multiple, rope_2d
 from common.config import ConfigError, check_fields
+
+Condition = ClassCondition | TextCondition
 
 ##################################################################################
 #                                  Configs                                       #
@@ -78,7 +80,8 @@ class ModelConfig:
     order: str = "raster"  # generation order: raster | cell (model.cell) | subsample (model.subsample) | whole | scale (the multi-scale tokenizer's schedule, VAR)
     cell: int = 2  # order=cell: k x k tokens per step (k divides both grid sides)
     subsample: int = 2  # order=subsample: s x s steps, each the sub-grid of one offset
-    inputs: str = "auto"  # next_token | next_group | flow | next_scale | auto (flow for the flow head; next_scale for order=scale; else next_token for raster, next_group otherwise)
+    inputs: str = "auto"  # next_token | next_group | flow | next_scale | shuffle (Token-Shuffle: a step's tokens fused into one position; order=cell with cell=s fuses s x s) | auto (flow for the flow head; next_scale for order=scale; else next_token for raster, next_group otherwise)
+    shuffle_blocks: int = 2  # inputs=shuffle: residual MLP blocks after fusing and before unshuffling (Token-Shuffle's n)
     cond_tokens: int = 1  # prefix tokens the class condition occupies (0: none; the class enters by adaLN; next_scale: the first scale's tokens)
     cond_prefix: str = "table"  # the prefix's embedding: table (its own, LlamaGen) | vector (the adaLN class vector repeated, VAR's start token)
     rope: str = "2d"  # rotary position embedding: 2d (LlamaGen's layout) | none (VAR: learned positions only)
@@ -86,8 +89,10 @@ class ModelConfig:
     cond_rope: str = "zero"  # rotation at condition positions: zero (LlamaGen: q/k zeroed) | identity
     pos_embed: str = "none"  # absolute position embedding added to the inputs: none (LlamaGen) | learned
     level_embed: bool = False  # a learned embedding per step added at the positions predicting it (VAR's lvl_embed)
-    cond_add: bool = False  # also add a class embedding to every token input (not in LlamaGen; a
-    #                         stronger class signal for small models, see README "Model options")
+    cond_add: bool = False  # also add a class embedding (text: the pooled caption) to every token input
+    #                         (not in LlamaGen; a stronger condition signal for small models, README "Model options")
+    condition: str = "class"  # class (labels) | text (captions: the cache's caption tokens or encoder features, `tokenizer.encode text.kind=...`; the prefix is the caption's T positions)
+    text_loss: float = 0.0  # condition=text with caption tokens: weight of a loss on the caption's own tokens (0: image tokens only)
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen: 0.1)
     resid_dropout: float = 0.1  # dropout on each residual branch (LlamaGen: 0.1)
     ffn_dropout: float = 0.1  # dropout inside the feed-forward (LlamaGen: 0.1)
@@ -100,11 +105,13 @@ class ModelConfig:
             raise ConfigError(f"model.head={self.head!r}; choose one of {sorted(HEADS)}")
         if self.order not in ORDERS:
             raise ConfigError(f"model.order={self.order!r}; choose one of {sorted(ORDERS)}")
-        check_fields(self, "model.", {"cond_rope": ("zero", "identity"), "pos_embed": ("none", "learned"),
+        check_fields(self, "model.", {"condition": ("class", "text"), "text_loss": ">= 0",
+                                      "cond_rope": ("zero", "identity"), "pos_embed": ("none", "learned"),
                                       "rope": ("2d", "none"), "cond_prefix": ("table", "vector"),
                                       "inputs": ("auto", *INPUTS), "cell": ">= 1", "subsample": ">= 1",
                                       "dim": ">= 1", "n_layer": ">= 1", "n_head": ">= 1",
                                       "n_kv_head": ">= 1", "cond_tokens": ">= 0", "rope_base": "> 0",
+                                      "shuffle_blocks": ">= 0",
                                       "token_dropout": "[0, 1)", "resid_dropout": "[0, 1)",
                                       "ffn_dropout": "[0, 1)"})
         self.backbone.validate()
@@ -118,15 +125,31 @@ class ModelConfig:
         if kind == "next_scale" and self.head != "token":
             raise ConfigError("model.order=scale predicts a multi-scale tokenizer's codes: it "
                               "needs model.head=token")
-        if self.cond_tokens == 0 and not self.backbone.adaln:
+        if self.condition == "text":
+            self._validate_text()
+        elif self.text_loss:
+            raise ConfigError("model.text_loss needs model.condition=text (a caption to predict)")
+        if self.cond_tokens == 0 and not self.backbone.adaln and self.condition == "class":
             raise ConfigError("model.cond_tokens=0 leaves the class no way in: set "
                               "model.backbone.adaln=true, or cond_tokens >= 1")
         if self.cond_prefix == "vector" and not self.backbone.adaln:
             raise ConfigError("model.cond_prefix=vector repeats the adaLN class vector: it needs "
                               "model.backbone.adaln=true")
-        if self.cond_tokens == 0 and kind == "next_token":
+        if self.cond_tokens == 0 and kind == "next_token" and self.condition == "class":
             raise ConfigError("model.inputs=next_token predicts token 0 from the last prefix "
                               "position: it needs model.cond_tokens >= 1")
+        self._validate_shape()
+
+    def _validate_text(self) -> None:
+        """A caption enters as prefix tokens (and, with cond_add, pooled into every input):
+        there is no class vector to drive adaLN."""
+        for name, on in (("model.backbone.adaln", self.backbone.adaln),
+                         ("model.cond_prefix=vector", self.cond_prefix == "vector")):
+            if on:
+                raise ConfigError(f"{name} needs a class vector; model.condition=text conditions "
+                                  f"on the caption's prefix tokens only: turn it off")
+
+    def _validate_shape(self) -> None:
         a = transformer_args(self)
         if a.split >= a.n_layer:
             raise ConfigError(f"model.backbone.split={a.split} must be below the number of "
@@ -149,6 +172,21 @@ class MultiScaleSpec:
 
 
 @dataclass
+class TextSpec:
+    """The caption side of a text-to-image generator, copied from the cache's text/meta.json.
+    Empty (kind "") for class-conditional models."""
+
+    kind: str = ""  # tokens (caption tokens in the sequence) | features (a frozen encoder's) | "" (no text)
+    max_tokens: int = 0  # caption positions T before the image (captions left-padded)
+    tokenizer: str = ""  # tokens: byte | bpe
+    tokenizer_json: str = ""  # tokens, bpe: the trained caption tokenizer, so sampling needs no other file
+    vocab_size: int = 0  # tokens: caption vocabulary, padding id 0 included
+    channels: int = 0  # features: the encoder's width C
+    encoder: str = ""  # features: the encoder folder the cache was made with (prompts are encoded with it)
+    encoder_sha256: str = ""  # features: its weights' sha256, checked when sampling
+
+
+@dataclass
 class GeneratorSpec:
     """Everything that fixes the generator's architecture: the model config plus values
     derived once from the code cache. Stored in every weights file."""
@@ -161,6 +199,7 @@ class GeneratorSpec:
     grid_w: int = 0  # code-grid columns
     num_classes: int = 0  # number of real classes (the null class is extra)
     class_names: List[str] = field(default_factory=list)  # class names, by label
+    text: TextSpec = field(default_factory=TextSpec)  # text-to-image: the caption side
     resolution: int = 0  # image side in pixels
     tokenizer_path: str = ""  # tokenizer weights used to make the codes
     tokenizer_sha256: str = ""  # their sha256, checked when sampling
@@ -177,19 +216,24 @@ class ARModel(nn.Module):
         self.spec = spec
         m = spec.model
         head, config_field = HEADS[m.head]
-        self.prefix = m.cond_tokens
+        text = m.condition == "text"
+        if text and not spec.text.kind:
+            raise ValueError("model.condition=text, but the spec has no caption side (spec.text); "
+                             "train on a cache encoded with text.kind=...")
+        self.prefix = spec.text.max_tokens if text else m.cond_tokens
         self.order = make_order(m.order, spec.grid_h, spec.grid_w, m.cell, m.subsample,
                                 spec.multiscale.patch_nums)
         self.num_tokens = self.order.num_tokens
         a = transformer_args(m)
-        self.cond = LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln,
-                                  tied=m.cond_prefix == "vector")
+        self.cond = TextEmbedder(spec.text, a.dim, m.text_loss, pooled=m.cond_add) if text else \
+            LabelEmbedder(spec.num_classes, a.dim, m.cond_tokens, vector=a.adaln,
+                          tied=m.cond_prefix == "vector")
         inputs = INPUTS[input_kind(m)]
         # token inputs are codebook embeddings; flow and next-scale inputs project their own
         self.tok_embeddings = (nn.Embedding(spec.vocab_size, a.dim)
                                if inputs.tokenizer_kind == "discrete" else None)
         # (num_classes + 1, D): the label's embedding added to every input, null row included
-        self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add else None
+        self.cond_add = nn.Embedding(spec.num_classes + 1, a.dim) if m.cond_add and not text else None
         inputs = inputs(self.order, self.prefix, a.dim, spec)
         self.length = self.prefix + inputs.length  # sequence positions L, prefix included
         self.pos_embed = (nn.Parameter(torch.zeros(self.length, a.dim))
@@ -209,7 +253,7 @@ class ARModel(nn.Module):
         (position P + i holds element i's input, or token i for next-token); None without RoPE."""
         if self.spec.model.rope == "none":
             return None
-        rows, cols = self.order.coords()
+        rows, cols = self.inputs.coords()
         table = rope_2d(rows, cols, self.transformer.args.head_dim, self.spec.model.rope_base)
         cond = torch.zeros(self.prefix, *table.shape[1:], device=table.device)
         if self.spec.model.cond_rope == "identity":
@@ -244,17 +288,21 @@ class ARModel(nn.Module):
             if mod is not None:  # adaLN-zero (DiT): blocks start as identity, the final norm plain
                 nn.init.zeros_(mod[-1].weight)
                 nn.init.zeros_(mod[-1].bias)
-        if hasattr(self.inputs, "initialize"):
-            self.inputs.initialize()
+        for part in (self.inputs, self.cond):
+            if hasattr(part, "initialize"):
+                part.initialize()
         self.head.initialize()  # ... and the head its own output layer (zero: uniform predictions)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.layers[0].attention.wqkv.weight.dtype
 
-    def condition(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def condition(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prefix embeddings (B, P, D), the vector added to every input (B, 1, D) or None)."""
-        vector = None if self.cond_add is None else self.cond_add(cond.labels)[:, None]
+        if self.cond_add is not None:
+            vector = self.cond_add(cond.labels)[:, None]
+        else:  # a text model with cond_add: the pooled caption; otherwise None
+            vector = self.cond.input_vector(cond)
         return self.cond(cond), vector
 
     def embed_tokens(self, tokens: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
@@ -284,26 +332,33 @@ class ARModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, data: torch.Tensor, cond: ClassCondition, draws=None) -> dict:
-        """data: codes (B, h, w) or (B, N), or latents (B, C, h, w); cond with the null id for
+    def forward(self, data: torch.Tensor, cond: Condition, draws=None) -> dict:
+        """data: codes (B, h, w) or (B, N), or latents (B, C, h, w); cond with the null for
         dropped conditions; draws: the flow head's (t, eps) instead of random ones (tests)."""
         seq = self.order.to_sequence(data)  # (B, N) codes or (B, N, C) latents
         inputs, target, t = self.head.training_pair(seq, self.order.step_of, draws)
-        loss, metrics = self.head.loss(self.hidden(inputs, cond, t), target)
+        h = self.states(inputs, cond, t)  # (B, L, D)
+        loss, metrics = self.head.loss(self.inputs.predictions(h), target)
+        if getattr(self.cond, "loss_weight", 0):  # unified text sequences: the caption's own tokens
+            text_loss = self.cond.loss(h[:, :self.prefix], cond)
+            loss, metrics = loss + self.cond.loss_weight * text_loss, {**metrics, "text_loss": text_loss.detach()}
         return {"loss": loss, **metrics}
 
-    def hidden(self, seq: torch.Tensor, cond: ClassCondition,
+    def hidden(self, seq: torch.Tensor, cond: Condition,
                t: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced hidden states (B, N, D): row i predicts sequence element i; t (B, S)
         is each step's flow time (flow inputs)."""
+        return self.inputs.predictions(self.states(seq, cond, t))
+
+    def states(self, seq: torch.Tensor, cond: Condition, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's output at every position (B, L, D), prefix included."""
         prefix, vector = self.condition(cond)
         x = torch.cat([prefix, self.inputs.teacher_forced(self, seq, vector)], dim=1)  # (B, L, D)
         x = self.token_dropout(self._with_pos(x, slice(0, x.shape[1])))
-        h = self.transformer(x, self._rope_at(slice(0, x.shape[1])), self.attention_mask(),
-                             ada=self.modulation(cond, t))  # (B, L, D)
-        return h[:, self.inputs.out_positions]
+        return self.transformer(x, self._rope_at(slice(0, x.shape[1])), self.attention_mask(),
+                                ada=self.modulation(cond, t))  # (B, L, D)
 
-    def modulation(self, cond: ClassCondition, t: torch.Tensor | None = None):
+    def modulation(self, cond: Condition, t: torch.Tensor | None = None):
         """adaLN input for a whole sequence: None without adaLN; the class vector for every
         position; with flow times t (B, S), one vector per step, the prefix getting t = 0."""
         if t is None:
@@ -312,7 +367,7 @@ class ARModel(nn.Module):
         t = torch.cat([t.new_zeros(t.shape[0], 1), t], dim=1)  # (B, 1 + S): row 0 the prefix's
         return self.ada_vectors(cond, t), self.inputs.blocks + 1
 
-    def ada_vectors(self, cond: ClassCondition, t: torch.Tensor | None = None):
+    def ada_vectors(self, cond: Condition, t: torch.Tensor | None = None):
         """The distinct adaLN vectors of positions fed together: (B, 1, D) from the class, or
         (B, S', D) with flow times t (B, S'); None without adaLN."""
         if self.cond.vector_table is None:
@@ -337,7 +392,7 @@ class ARModel(nn.Module):
         return self.transformer(x, self._rope_at(positions), self.attention_mask(positions),
                                 positions, ada)
 
-    def prefill(self, cond: ClassCondition) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prefill(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write the condition prefix into the cache; returns its hidden states (B, P, D) and
         the condition's vector for the inputs that follow (None without model.cond_add)."""
         prefix, vector = self.condition(cond)

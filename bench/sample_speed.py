@@ -57,7 +57,7 @@ def generate_recompute(model: ARModel, cond, ids, seed, settings) -> torch.Tenso
     from sampling.guidance import scale_at
 
     order, guided = model.order, settings.cfg_scale != 1.0
-    rows = cond.with_null(model.cond.null_id) if guided else cond
+    rows = cond.with_null(model.cond.null) if guided else cond
     keys = noise.image_keys(seed, ids)
     elements = torch.arange(order.num_tokens, device=ids.device)
     seq = torch.zeros(len(cond), order.num_tokens, dtype=torch.long, device=ids.device)

@@ -110,7 +110,7 @@ def mean_entropy(model, codes: torch.Tensor, labels: torch.Tensor, settings) -> 
     h = model.hidden(seq, cond)
     scale = None
     if settings.cfg_scale != 1.0:
-        h = torch.cat([h, model.hidden(seq, ClassCondition(torch.full_like(labels, model.cond.null_id)))])
+        h = torch.cat([h, model.hidden(seq, ClassCondition(torch.full_like(labels, model.cond.null)))])
         scale = step_scales(settings, model.order.num_steps)[model.order.step_of][:, None]  # (N, 1)
     p = model.head.probs(h, scale, settings)
     return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())

@@ -129,9 +129,9 @@ def generate_flow(model, cond: ClassCondition, image_ids: torch.Tensor, seed: in
     from sampling.generate import extend  # the plain (uncompiled) extend
 
     order, inputs = model.order, model.inputs
-    device = cond.labels.device
+    device = cond.device
     guided = settings.cfg_scale != 1.0
-    rows = cond.with_null(model.cond.null_id) if guided else cond
+    rows = cond.with_null(model.cond.null) if guided else cond
     draw = noise_source or keyed_noise(seed, image_ids.to(device), order)
     model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
     _, vector = model.prefill(rows)

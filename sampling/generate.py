@@ -29,7 +29,7 @@ from sampling.guidance import CFG_SCHEDULES, scale_at
 @dataclass
 class SamplingConfig:
     cfg_scale: float = 1.0  # classifier-free guidance scale; 1.0 = off (no doubled batch)
-    cfg_schedule: str = "constant"  # constant | linear | power | cosine: the scale over the steps (sampling/guidance.py)
+    cfg_schedule: str = "constant"  # constant | linear | linear_full | power | cosine | half_linear: the scale over the steps (sampling/guidance.py)
     cfg_power: float = 1.0  # cfg_schedule=power: the exponent of the ramp
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only steps with lo <= step/steps < hi
     temperature: float = 1.0  # softmax temperature; 0 = greedy
@@ -67,9 +67,9 @@ def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
     if model.head.continuous:
         return generate_flow(model, cond, image_ids, seed, settings, extend_fn, progress)
     order, inputs = model.order, model.inputs
-    device = cond.labels.device
+    device = cond.device
     guided = settings.cfg_scale != 1.0
-    rows = cond.with_null(model.cond.null_id) if guided else cond
+    rows = cond.with_null(model.cond.null) if guided else cond
     extend_fn = extend_fn or extend
     keys = noise.image_keys(seed, image_ids.to(device))
     elements = torch.arange(order.num_tokens, device=device)  # noise counters: sequence indices
@@ -87,6 +87,6 @@ def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
         lo, hi = order.span(s)
         scale = scale_at(settings, s, order.num_steps) if guided else None
         uniform = noise.uniform_elements(keys, elements[lo:hi], model.head.vocab_size)
-        tokens = model.head.draw(h[:, h.shape[1] - (hi - lo):], scale, settings, uniform)  # (B, G)
+        tokens = model.head.draw(inputs.draw_states(h, hi - lo), scale, settings, uniform)  # (B, G)
         seq[:, lo:hi] = tokens.repeat(copies, 1)
     return order.to_grid(seq[:len(cond)])

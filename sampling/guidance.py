@@ -9,6 +9,9 @@ the fraction of steps done before this one (0 at the first step):
               form over cells: 1, 1.67, 2.33, 3 for 4 cells at scale 3); one step: the scale
     power     1 + (scale - 1) * s ** cfg_power (MUSE/MAR-style ramps; power 1 is linear)
     cosine    1 + (scale - 1) * (1 - cos(pi * s)) / 2
+    half_linear  1 + (scale - 1) * min(1, 2 s): the linear ramp over the first half of the
+              steps, the full scale after (one reading of Token-Shuffle's text-to-image
+              scheduler, whose exact form is not public; every result records the one used)
 
 and `cfg_interval` [lo, hi] limits guidance to the steps with lo <= s < hi, the scale being 1
 (no guidance) elsewhere: guidance in a limited interval (Kynkaanniemi et al., 2024) applied to
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-CFG_SCHEDULES = ("constant", "linear", "linear_full", "power", "cosine")
+CFG_SCHEDULES = ("constant", "linear", "linear_full", "power", "cosine", "half_linear")
 
 
 def schedule_value(schedule: str, frac: float, power: float = 1.0) -> float:
@@ -34,6 +37,8 @@ def schedule_value(schedule: str, frac: float, power: float = 1.0) -> float:
         return frac ** power
     if schedule == "cosine":
         return (1.0 - math.cos(math.pi * frac)) / 2.0
+    if schedule == "half_linear":
+        return min(1.0, 2.0 * frac)
     raise ValueError(f"unknown cfg schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
 
 

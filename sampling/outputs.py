@@ -3,7 +3,9 @@
 Sample shards: image i belongs to shard i // shard_size. A shard is written into a temporary
 folder and renamed into place when complete, so a finished shard is never redone and a half
 written one never counts. The `.npz` for FID is packed from the shards in index order:
-`arr_0` uint8 (N, H, W, 3) and `arr_1` int64 labels (N,), the ADM evaluator's layout.
+`arr_0` uint8 (N, H, W, 3) and `arr_1` int64 labels (N,), the ADM evaluator's layout; samples
+of a text-to-image model add `prompts`, each image's prompt as a unicode array (loadable with
+allow_pickle=False), `arr_1` then being the prompt's index.
 """
 
 from __future__ import annotations
@@ -120,11 +122,12 @@ def npz_done(path: str | Path, count: int) -> bool:
 
 def pack_npz(root: str | Path, num_shards: int, path: str | Path, expected: int | None = None,
              transform: Callable[[np.ndarray], np.ndarray] | None = None,
-             progress: bool = False) -> tuple[int, tuple]:
+             progress: bool = False, prompts: list[str] | None = None) -> tuple[int, tuple]:
     """Pack all shards, in index order, into an ADM-layout .npz (arr_0 uint8 NHWC, arr_1
     labels); returns (count, image shape). Streams shard by shard, so 50,000 images are never
     all in memory. `transform` maps each uint8 (B, H, W, 3) shard to the stored images (e.g. a
-    resize); `expected` is the image count the shards must hold."""
+    resize); `expected` is the image count the shards must hold; `prompts` (the labels being
+    indices into it) adds each image's prompt as "prompts"."""
     tables = [json.loads((shard_dir(root, k) / "labels.json").read_text()) for k in range(num_shards)]
     names = [sorted(t) for t in tables]  # zero-padded global indices: sorted = index order
     count = sum(len(t) for t in tables)
@@ -146,4 +149,7 @@ def pack_npz(root: str | Path, num_shards: int, path: str | Path, expected: int 
                 f.write((first if k == 0 else shard_images(k)).tobytes())
         with zf.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, labels)
+        if prompts is not None:
+            with zf.open("prompts.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(prompts, dtype=str)[labels])
     return count, first.shape[1:]

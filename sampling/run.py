@@ -7,7 +7,10 @@
 
 Image i is generated with noise keyed by (seed, i) and gets label i % classes (balanced) or a
 label hashed from (seed, i) (random), so the images do not depend on the number of processes
-or the batch size. Finished shards are kept: running again resumes.
+or the batch size. Text-to-image generators take `prompt=` or `prompts=FILE` instead of
+classes: a grid row per prompt, and image i gets prompt i % prompts (or a hashed one); the
+.npz then holds each image's prompt ("prompts") beside its prompt index (arr_1). Finished shards
+are kept: running again resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from ar.checkpoint import load_generator
-from ar.conditioning import ClassCondition
 from ar.model import tokenizer_kind
 from common import dist, precision
 from common.config import ConfigError, check_fields
@@ -33,6 +35,7 @@ from sampling import noise
 from sampling.generate import SamplingConfig, compiled_extend
 from sampling.outputs import (decode_codes, npz_done, pack_npz, read_shard_cost, save_grid,
                               shard_done, write_shard)
+from sampling.prompts import grid_rows, read_prompts, text_encoder_for
 from sampling.speculative import (SAMPLERS, SpeculativeConfig, SpeculativeStats, check_supported,
                                   plain_passes, sample_codes)
 
@@ -44,8 +47,11 @@ class SampleRunConfig:
     out: str = "???"  # grid mode: the .png to write; images mode: the output folder
     mode: str = "grid"  # grid: one row per class | images: num_images PNGs in shards + samples.npz
     num_images: int = 50000  # images mode: how many
-    labels: str = "balanced"  # images mode: balanced (image i gets class i % classes) | random
+    labels: str = "balanced"  # images mode: balanced (image i gets class i % classes, or prompt i % prompts) | random
     classes: Optional[List[int]] = None  # grid mode: one row per class id; None: all (at most 32)
+    prompt: Optional[str] = None  # text-to-image: one prompt (a grid row; every image in images mode)
+    prompts: Optional[str] = None  # text-to-image: a file of prompts, one a line, or a captions.jsonl (grid: a row each; images: image i gets prompt i % count)
+    text_encoder: Optional[str] = None  # text-to-image on encoder features: the encoder folder; None: the one recorded in the weights
     per_class: int = 8  # grid mode: images per row
     batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
     shard_size: int = 1000  # images mode: images per shard, the unit of resumption
@@ -67,6 +73,14 @@ class SampleRunConfig:
         self.speculative.validate()
         if self.classes is not None and (not self.classes or min(self.classes) < 0):
             raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
+        if self.prompt is not None and self.prompts is not None:
+            raise ConfigError("give prompt=\"...\" or prompts=FILE, not both")
+
+    def prompt_list(self) -> list[str] | None:
+        """The prompts asked for, or None (class-conditional sampling)."""
+        if self.prompt is not None:
+            return [self.prompt.strip()]  # "" is the empty caption: unconditional samples
+        return read_prompts(self.prompts) if self.prompts is not None else None
 
 
 def load_models(cfg: SampleRunConfig, device: torch.device, log):
@@ -116,26 +130,39 @@ def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
                          f"pass the tokenizer the generator was trained on (tokenizer=PATH)")
 
 
-def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Each image's row of the condition table (its class, or its prompt's index)."""
     if cfg.labels == "balanced":
-        return ids % num_classes
-    return noise.randint(cfg.seed, ids, num_classes)
+        return ids % num_rows
+    return noise.randint(cfg.seed, ids, num_rows)
+
+
+def condition_table(cfg: SampleRunConfig, model, device: torch.device, log):
+    """(conditions, names): what images are drawn for, a row each. Grid mode: the prompts, or
+    `classes`; images mode: the prompts, or every class."""
+    prompts = cfg.prompt_list()
+    encoder = None
+    if model.spec.text.kind == "features" and prompts:
+        encoder = text_encoder_for(model.spec, cfg.text_encoder, log)
+    classes = cfg.classes if cfg.mode == "grid" else list(range(model.spec.num_classes))
+    return grid_rows(model, classes, prompts, device, encoder)
 
 
 def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, log) -> None:
-    classes = cfg.classes or list(range(min(model.spec.num_classes, 32)))
-    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.per_class)
-    ids = torch.arange(len(labels), device=device)
+    table, names = condition_table(cfg, model, device, log)
+    cond = table.repeat_rows(cfg.per_class)
+    ids = torch.arange(len(cond), device=device)
     codes, cost = [], SpeculativeStats()
-    for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
-        batch, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
-                                    cfg.sampler, cfg.speculative)
+    for lo in range(0, len(cond), cfg.batch_size):
+        batch, stats = sample_codes(model, cond[lo:lo + cfg.batch_size], ids[lo:lo + cfg.batch_size],
+                                    cfg.seed, cfg.sampling, cfg.sampler, cfg.speculative)
         codes.append(batch)
         cost.add(stats)
     images = decode_codes(tokenizer, torch.cat(codes))
-    written = save_grid(images, cfg.per_class, cfg.out, [model.spec.class_names[c] for c in classes])
+    written = save_grid(images, cfg.per_class, cfg.out, names)
     done = "wrote" if written else "kept (the same grid, byte for byte)"
-    log.info(f"{done} {cfg.out} ({len(classes)} classes x {cfg.per_class}){cost_line(cfg, model, cost)}")
+    what = "prompts" if model.spec.text.kind else "classes"
+    log.info(f"{done} {cfg.out} ({len(names)} {what} x {cfg.per_class}){cost_line(cfg, model, cost)}")
 
 
 def cost_line(cfg: SampleRunConfig, model, cost: SpeculativeStats) -> str:
@@ -167,7 +194,7 @@ def check_out_folder(cfg: SampleRunConfig, out: Path, device: torch.device) -> N
     settings = {"weights_sha256": sha256_file(cfg.weights), "num_images": cfg.num_images,
                 "labels": cfg.labels, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "sampling": asdict(cfg.sampling), "sampler": cfg.sampler,
-                "speculative": asdict(cfg.speculative),
+                "speculative": asdict(cfg.speculative), "prompts": cfg.prompt_list(),
                 "precision": precision.resolved(cfg.precision, device)}
     path = out / "settings.json"
     if path.is_file():
@@ -188,6 +215,7 @@ def upgraded_settings(old: dict, device: torch.device) -> dict:
         old["precision"] = "bf16" if device.type == "cuda" else "fp32"
     old["sampling"] = {**asdict(SamplingConfig()), **old.get("sampling", {})}
     old.setdefault("sampler", "plain")
+    old.setdefault("prompts", None)
     old["speculative"] = {**asdict(SpeculativeConfig()), **old.get("speculative", {})}
     return old
 
@@ -203,15 +231,16 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
         return
     mine = [k for k in range(num_shards) if k % info.world_size == info.rank and not shard_done(out, k)]
     extend_fn = compiled_extend() if cfg.compile else None
+    table, names = condition_table(cfg, model, info.device, log)
     todo = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in mine)
     bar = tqdm(total=todo, desc=f"images (rank {info.rank})", disable=not info.is_main)
     t0 = time.time()
     for k in mine:
         ids = torch.arange(k * cfg.shard_size, min(n, (k + 1) * cfg.shard_size), device=info.device)
-        labels = image_labels(cfg, ids, model.spec.num_classes)
+        labels = image_labels(cfg, ids, len(names))
         images, cost, started = [], SpeculativeStats(), time.time()
         for l, i in zip(labels.split(cfg.batch_size), ids.split(cfg.batch_size)):
-            codes, stats = sample_codes(model, ClassCondition(l), i, cfg.seed, cfg.sampling,
+            codes, stats = sample_codes(model, table[l], i, cfg.seed, cfg.sampling,
                                         cfg.sampler, cfg.speculative, extend_fn)
             images.append(decode_codes(tokenizer, codes))
             cost.add(stats)
@@ -228,7 +257,8 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
     if info.is_main:
         write_sampler_record(cfg, model, out, num_shards, log)
     if info.is_main and cfg.npz:
-        count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n)
+        prompts = names if model.spec.text.kind else None
+        count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n, prompts=prompts)
         log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
 
 

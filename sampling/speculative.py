@@ -116,8 +116,9 @@ def check_supported(model, sampler: str) -> None:
                          f"sampler=plain")
     if not hasattr(model.inputs, "elements"):
         raise ValueError(f"sampler={sampler}: a {model.inputs.kind} model feeds each step from "
-                         f"the whole previous step (next-scale: the previous scales' sum), so a "
-                         f"window of drafts cannot be verified in one pass; use sampler=plain")
+                         f"the whole previous step (next-scale: the previous scales' sum; "
+                         f"shuffle: its tokens fused), so a window of drafts cannot be verified "
+                         f"in one pass; use sampler=plain")
 
 
 @torch.no_grad()
@@ -128,13 +129,13 @@ def generate_speculative(model, cond: ClassCondition, image_ids: torch.Tensor, s
     (sjd | coupled | gsd), and what it cost."""
     check_supported(model, sampler)
     order, head = model.order, model.head
-    device = cond.labels.device
+    device = cond.device
     B, V, G = len(cond), head.vocab_size, order.group_size
     S, N = order.num_steps, order.num_tokens
     W = min(spec.window, S)
     T = W * G
     guided = settings.cfg_scale != 1.0
-    rows = cond.with_null(model.cond.null_id) if guided else cond
+    rows = cond.with_null(model.cond.null) if guided else cond
     copies = len(rows) // B
     extend_fn = extend_fn or extend
     keys = noise.image_keys(seed, image_ids.to(device), noise.STREAM_SPECULATIVE)

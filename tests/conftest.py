@@ -14,7 +14,7 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "llamagen"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
+from ar.model import ARModel, GeneratorSpec, ModelConfig, TextSpec  # noqa: E402
 
 # keep subprocess-based tests (torchrun) from oversubscribing the 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,6 +26,17 @@ def tiny_spec(vocab: int = 32, grid: int = 4, classes: int = 3, **model_kw) -> G
     return GeneratorSpec(model=ModelConfig(**kw), vocab_size=vocab, grid_h=grid, grid_w=grid,
                          num_classes=classes, class_names=[f"c{i}" for i in range(classes)],
                          resolution=grid * 4)
+
+
+def tiny_text_spec(kind: str = "tokens", max_tokens: int = 5, text_vocab: int = 20,
+                   channels: int = 8, **kw) -> GeneratorSpec:
+    """tiny_spec for a text-to-image model: caption tokens (byte-tokenizer ids below
+    `text_vocab`) or encoder features of width `channels`, T = max_tokens."""
+    spec = tiny_spec(condition="text", **kw)
+    spec.text = TextSpec(kind=kind, max_tokens=max_tokens, tokenizer="byte" if kind == "tokens" else "",
+                         vocab_size=text_vocab if kind == "tokens" else 0,
+                         channels=channels if kind == "features" else 0)
+    return spec
 
 
 def tiny_model(seed: int = 0, **kw) -> ARModel:
@@ -50,7 +61,7 @@ def cached_logits(model: ARModel, seq: torch.Tensor, cond) -> torch.Tensor:
         if fed is not None:
             h = model.extend(*fed, ada)
         lo, hi = order.span(s)
-        steps.append(model.head.logits(h[:, h.shape[1] - (hi - lo):]))
+        steps.append(model.head.logits(model.inputs.draw_states(h, hi - lo)))
     return torch.cat(steps, dim=1)
 
 

@@ -74,7 +74,7 @@ def test_greedy_kv_cache_generation_matches(model, ref, case, scale):
 
 
 def test_null_class_is_llamagen_s(model, ref):
-    assert model.cond.null_id == model.spec.num_classes == 10  # LlamaGen: id num_classes
+    assert model.cond.null == model.spec.num_classes == 10  # LlamaGen: id num_classes
     assert ref["gpt_class_labels"][-1] == 10  # the reference's unconditional row
 
 

@@ -83,7 +83,7 @@ def test_generation_matches_var(converted, ref, cfg):
     weights = [scale_at(settings, k, 4) - 1 for k in range(4)]  # VAR's t = c * k / (S - 1)
     assert weights == pytest.approx(ref[f"gen_cfg{cfg}_t"].tolist(), abs=1e-12)
     with torch.no_grad():  # the guided logits, teacher-forced on the generated tokens
-        rows = labels.with_null(model.cond.null_id) if cfg else labels
+        rows = labels.with_null(model.cond.null) if cfg else labels
         logits = model.head.logits(model.hidden(torch.cat([codes, codes]) if cfg else codes, rows))
     if cfg:
         cond, uncond = logits.chunk(2)

@@ -60,7 +60,7 @@ def test_mask_follows_its_definition(order, kw):
 def test_cached_decoding_equals_full_forward(order, kw, variant):
     model = tiny_model(order=order, **kw, **variant)
     seq = torch.randint(0, 32, (3, 16))
-    cond = ClassCondition(torch.tensor([0, 2, 1])).with_null(model.cond.null_id)  # CFG rows
+    cond = ClassCondition(torch.tensor([0, 2, 1])).with_null(model.cond.null)  # CFG rows
     rows = torch.cat([seq, seq])
     with torch.no_grad():
         full = model.head.logits(model.hidden(rows, cond))

@@ -21,6 +21,9 @@ def test_cfg_combination_equals_formula():
 def test_cfg_schedules():
     assert [cfg_scale_at(3.0, "constant", t, 4) for t in range(4)] == [3.0] * 4
     assert [cfg_scale_at(3.0, "linear", t, 4) for t in range(4)] == [1.0, 1.5, 2.0, 2.5]
+    assert [cfg_scale_at(3.0, "half_linear", t, 4) for t in range(4)] == [1.0, 2.0, 3.0, 3.0]
+    assert [cfg_scale_at(3.0, "cosine", t, 2) for t in range(2)] == [1.0, 2.0]
+    assert [cfg_scale_at(3.0, "power", t, 4, power=2.0) for t in range(4)] == [1.0, 1.125, 1.5, 2.125]
 
 
 def test_top_k_keeps_exactly_the_k_largest():

@@ -42,7 +42,7 @@ def exact_distribution(model: ARModel, label: int, settings: SamplingConfig) -> 
     h = model.hidden(seqs, cond)
     scale = None
     if guided:
-        null = ClassCondition(torch.full((len(seqs),), model.cond.null_id))
+        null = ClassCondition(torch.full((len(seqs),), model.cond.null))
         h = torch.cat([h, model.hidden(seqs, null)])  # conditional rows first, as sampling's
         scale = step_scales(settings, order.num_steps)[order.step_of][:, None]
     p = model.head.probs(h, scale, settings)  # (M, N, V)

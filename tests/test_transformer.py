@@ -42,8 +42,8 @@ def test_kv_cached_decoding_equals_full_forward(variant):
 def test_condition_changes_prediction_and_null_class_exists(model):
     seq = torch.randint(0, 32, (1, 16))
     a = logits_full(model, seq, torch.tensor([0]))
-    b = logits_full(model, seq, torch.tensor([model.cond.null_id]))
-    assert model.cond.null_id == 3 and not torch.allclose(a, b)
+    b = logits_full(model, seq, torch.tensor([model.cond.null]))
+    assert model.cond.null == 3 and not torch.allclose(a, b)
 
 
 def test_rope_2d_layout_rows_then_columns():

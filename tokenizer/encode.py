@@ -4,8 +4,12 @@ posterior's moments in float16 for a continuous (KL) one.
 
     python -m tokenizer.encode data.root=DIR data.resolution=32 tokenizer=RUN/vq.safetensors out=DIR
     python -m tokenizer.encode ... tokenizer=RUN/kl.safetensors out=DIR   (or a diffusers VAE folder)
+    # text-to-image: also cache the captions, as tokens (bpe | byte) or a frozen encoder's features
+    python -m tokenizer.encode ... text.kind=bpe            (or text.kind=encoder text.encoder=FOLDER)
     torchrun --nproc_per_node=N -m tokenizer.encode ...   (rank r encodes shards k % N == r)
 
+With text.kind set, the captions (the dataset's captions.jsonl) are cached in OUT/text/ after the
+images (tokenizer/text_cache.py); changing only the text settings remakes that part alone.
 A latent cache stores the posterior (mean and log-variance), not one latent, so the generator's
 data stream can draw a fresh latent at every visit (MAR's trick; ar/data.py).
 OUT's layout is in tokenizer/cache.py (read by the generator's data loader through `read_meta`).
@@ -35,6 +39,7 @@ from dataset.images import ImageReadError
 from tokenizer import load_tokenizer, read_tokenizer_config, tokenizer_sha256
 from tokenizer.cache import (VARIANTS, Span, build_meta, check_settings, file_stamp, plan_shards,
                              relative_names, shard_done, stale_files, write_meta, write_shard)
+from tokenizer.text_cache import TextCacheConfig, write_text_cache
 
 
 @dataclass
@@ -63,6 +68,7 @@ class EncodeConfig:
     num_workers: int = 2  # DataLoader workers decoding images
     device: str = "auto"  # "auto", "cpu" or "cuda"
     skip_bad_images: bool = False  # leave out unreadable images (listed in meta.json), don't stop
+    text: TextCacheConfig = field(default_factory=TextCacheConfig)  # text-to-image: the captions' tokens or encoder features
 
     def validate(self) -> None:
         check_fields(self, "", {"batch_size": ">= 1", "shard_size": ">= 1", "num_workers": ">= 0",
@@ -237,6 +243,8 @@ def run(cfg: EncodeConfig) -> dict:
         tok = tokenizer_identity(weights, settings["tokenizer_sha256"])
         meta = finish(out, dataset, names, spans, cfg, tok, grid, model, done,
                       nothing_done=not todo and not changed, log=log)
+        if cfg.text.kind != "none":
+            meta = {**meta, "text": write_text_cache(out, cfg.text, info.device, log)}
     barrier()
     cleanup()
     return meta

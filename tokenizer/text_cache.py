@@ -1,0 +1,165 @@
+"""The caption side of a code cache: caption tokens (unified text + image sequence) or a frozen
+text encoder's features (prefix), one row per cached image, written by `tokenizer.encode` with
+`text.kind=...` into OUT/text/:
+
+    meta.json       written last (its presence means complete): kind "tokens" | "features",
+                    max_tokens T, count, the sha256 of captions.jsonl it was made from, how many
+                    captions were cut, and the tokenizer (tokens) or the encoder (features)
+    tokenizer.json  tokens, bpe: the trained caption tokenizer (`tokenizers` JSON)
+    tokens.npy      tokens: int32 (N, T), left-padded with id 0 (tokenizer/text.py)
+    features.npy    features: float16 (N, T, C), left-padded with zero rows
+    lengths.npy     int32 (N,): each caption's tokens before padding (after any cut)
+    null.npy        the empty caption's row: (T,) tokens or (T, C) features: what a dropped
+                    caption (classifier-free guidance) is replaced by
+
+Captions longer than T are cut to their first T tokens with a warning (meta.json "truncated");
+T defaults to the longest caption (features: at most 120 tokens, LlamaGen's T5 length). Prompts
+at sampling time are not cut: a prompt longer than the model's T is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ConfigError, check_fields
+from common.io import atomic_path, atomic_write_text
+from tokenizer.text import left_pad, train_caption_tokenizer
+
+TEXT_DIR = "text"
+TEXT_KINDS = ("none", "byte", "bpe", "encoder")
+FEATURE_TOKENS_CAP = 120  # LlamaGen t2i's T5 length: the default cap for encoder features
+
+
+@dataclass
+class TextCacheConfig:
+    kind: str = "none"  # captions for text-to-image: none | byte | bpe (caption tokens in the sequence) | encoder (a frozen T5/CLIP's features, text.encoder)
+    max_tokens: int = 0  # caption length T; 0: the longest caption (encoder: at most 120); longer captions are cut, with a warning
+    vocab_size: int = 512  # kind=bpe: vocabulary size (padding and the 256 bytes included)
+    encoder: str = ""  # kind=encoder: a local transformers T5 or CLIP text-encoder folder
+    batch_size: int = 64  # kind=encoder: captions per encoder forward
+
+    def validate(self) -> None:
+        check_fields(self, "text.", {"kind": TEXT_KINDS, "max_tokens": ">= 0",
+                                     "vocab_size": ">= 258", "batch_size": ">= 1"})
+        if self.kind == "encoder" and not self.encoder:
+            raise ConfigError("text.kind=encoder needs text.encoder=FOLDER: a local transformers "
+                              "T5 or CLIP text encoder (nothing is downloaded)")
+
+
+def captions_sha256(out: Path) -> str:
+    return hashlib.sha256((out / "captions.jsonl").read_bytes()).hexdigest()
+
+
+def read_captions(out: Path) -> list[str]:
+    """The cached images' captions, in cache order; a named error when there are none."""
+    path = out / "captions.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{out} has no captions.jsonl: the dataset it was encoded from has no "
+                         f"captions, and a text model needs one per image. Put a captions.jsonl "
+                         f"({{\"file\", \"caption\"}} per image) in the dataset root, or make "
+                         f"shapes with `python -m dataset.shapes`, and encode again")
+    return [json.loads(line)["caption"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _settings(cfg: TextCacheConfig) -> dict:
+    keep = {"kind": cfg.kind, "max_tokens": cfg.max_tokens}
+    if cfg.kind == "bpe":
+        keep["vocab_size"] = cfg.vocab_size
+    if cfg.kind == "encoder":
+        keep["encoder"] = str(Path(cfg.encoder).resolve())
+    return keep
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _cut(rows: list[list[int]], length: int) -> tuple[list[list[int]], int]:
+    """Rows cut to `length` tokens (their first ones), and how many were cut."""
+    cut = sum(len(r) > length for r in rows)
+    return [r[:length] for r in rows], cut
+
+
+def write_text_cache(out: str | Path, cfg: TextCacheConfig, device="cpu", log=None) -> dict:
+    """Write OUT/text/ for the cache's captions (a no-op when it is already made from the same
+    captions and settings); returns its meta.json."""
+    out = Path(out)
+    captions = read_captions(out)
+    folder = out / TEXT_DIR
+    settings, sha = _settings(cfg), captions_sha256(out)
+    old = read_text_meta(out, required=False)
+    if old is not None and old["settings"] == settings and old["captions_sha256"] == sha:
+        if log:
+            log.info(f"caption cache {folder} already complete ({old['count']} captions); nothing to do")
+        return old
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
+    if cfg.kind == "encoder":
+        facts = _write_features(folder, captions, cfg, device, log)
+    else:
+        facts = _write_tokens(folder, captions, cfg)
+    meta = {"settings": settings, "captions_sha256": sha, "count": len(captions), **facts}
+    if meta["truncated"] and log:
+        log.warning(f"{meta['truncated']} of {len(captions)} captions are longer than "
+                    f"{meta['max_tokens']} tokens and were cut to their first {meta['max_tokens']} "
+                    f"(raise text.max_tokens to keep them whole)")
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
+    if log:
+        log.info(f"wrote {len(captions)} captions as {meta['kind']} (T = {meta['max_tokens']}) to {folder}")
+    return meta
+
+
+def _write_tokens(folder: Path, captions: list[str], cfg: TextCacheConfig) -> dict:
+    tok = train_caption_tokenizer(captions, cfg.kind, cfg.vocab_size)
+    rows = tok.encode_batch(captions)
+    length = cfg.max_tokens or max(1, max(len(r) for r in rows))
+    rows, cut = _cut(rows, length)
+    _save(folder / "tokens.npy", left_pad(rows, length))
+    _save(folder / "lengths.npy", np.array([len(r) for r in rows], dtype=np.int32))
+    _save(folder / "null.npy", left_pad([[]], length)[0])
+    if tok.kind == "bpe":
+        atomic_write_text(folder / "tokenizer.json", tok.to_json())
+    return {"kind": "tokens", "max_tokens": length, "truncated": cut,
+            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size,
+                          "file": "tokenizer.json" if tok.kind == "bpe" else None}}
+
+
+def _write_features(folder: Path, captions: list[str], cfg: TextCacheConfig, device, log) -> dict:
+    from tokenizer.text_encoder import load_text_encoder
+
+    encoder = load_text_encoder(cfg.encoder, device=device)
+    counts = encoder.count_tokens(captions)
+    length = cfg.max_tokens or min(max(counts), FEATURE_TOKENS_CAP)
+    features, lengths = encoder.features(captions, length, batch_size=cfg.batch_size,
+                                         overflow="truncate")
+    null, _ = encoder.features([""], length)
+    _save(folder / "features.npy", features)
+    _save(folder / "lengths.npy", lengths.astype(np.int32))
+    _save(folder / "null.npy", null[0])
+    return {"kind": "features", "max_tokens": length, "truncated": sum(c > length for c in counts),
+            "channels": encoder.channels, "encoder": encoder.identity()}
+
+
+def read_text_meta(out: str | Path, required: bool = True) -> dict | None:
+    """OUT/text/meta.json, checked against the cache's captions; None (or, when required, a
+    named error) when the cache has no caption side."""
+    out = Path(out)
+    path = out / TEXT_DIR / "meta.json"
+    if not path.is_file():
+        if not required:
+            return None
+        raise ValueError(f"{out} has no caption cache ({path} missing): a text model trains on "
+                         f"caption tokens or features. Encode with text.kind=bpe (or byte, or "
+                         f"encoder with text.encoder=FOLDER) to add them; the image codes are kept")
+    meta = json.loads(path.read_text())
+    if required and (out / "captions.jsonl").is_file() and captions_sha256(out) != meta["captions_sha256"]:
+        raise ValueError(f"{path} was made from other captions than {out}/captions.jsonl holds "
+                         f"now; run the encode command again to remake it")
+    return meta
