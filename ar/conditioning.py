@@ -146,6 +146,9 @@ buffer saved with the weights, so sampling needs no cache.
             self.register_buffer("null_text", torch.full((text.max_tokens,), PAD, dtype=torch.long))
             self.output = nn.Linear(dim, text.vocab_size, bias=False) if loss_weight else None
         else:
+            if loss_weight:
+                raise ValueError("model.text_loss predicts caption tokens, but this cache holds "
+                                 "encoder features (text.kind=encoder): set model.text_loss=0")
             self.proj = nn.Sequential(nn.Linear(text.channels, dim), nn.GELU(approximate="tanh"),
                                       nn.Linear(dim, dim))
             # filled from the cache's null.npy by the trainer; saved with the weights

@@ -49,7 +49,7 @@ class SampleRunConfig:
     num_images: int = 50000  # images mode: how many
     labels: str = "balanced"  # images mode: balanced (image i gets class i % classes, or prompt i % prompts) | random
     classes: Optional[List[int]] = None  # grid mode: one row per class id; None: all (at most 32)
-    prompt: Optional[str] = None  # text-to-image: one prompt (a grid row; every image in images mode)
+    prompt: Optional[str] = None  # text-to-image: one prompt (a grid row; every image in images mode); takes precedence over prompts
     prompts: Optional[str] = None  # text-to-image: a file of prompts, one a line, or a captions.jsonl (grid: a row each; images: image i gets prompt i % count)
     text_encoder: Optional[str] = None  # text-to-image on encoder features: the encoder folder; None: the one recorded in the weights
     per_class: int = 8  # grid mode: images per row
@@ -73,8 +73,6 @@ class SampleRunConfig:
         self.speculative.validate()
         if self.classes is not None and (not self.classes or min(self.classes) < 0):
             raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
-        if self.prompt is not None and self.prompts is not None:
-            raise ConfigError("give prompt=\"...\" or prompts=FILE, not both")
 
     def prompt_list(self) -> list[str] | None:
         """The prompts asked for, or None (class-conditional sampling)."""

@@ -241,3 +241,21 @@ def test_prompt_files_plain_or_captions_jsonl(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="one prompt a line"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_speculative_decoding_reads_captions_too():
+    from sampling.speculative import SpeculativeConfig, generate_speculative
+
+    torch.manual_seed(0)
+    model = ARModel(tiny_text_spec(grid=4, cond_add=True)).eval()
+    torch.nn.init.normal_(model.head.output.weight, std=0.5)
+    cond, ids = TextCondition(torch.randint(0, 20, (3, 5))), torch.arange(3)
+    settings = SamplingConfig(temperature=0.0, cfg_scale=2.0, cfg_schedule="half_linear")
+    plain = generate(model, cond, ids, 0, settings)
+    codes, _ = generate_speculative(model, cond, ids, 0, settings, "coupled", SpeculativeConfig(window=4))
+    assert torch.equal(codes, plain)
+
+
+def test_text_loss_on_encoder_features_is_refused():
+    with pytest.raises(ValueError, match="text_loss"):
+        ARModel(tiny_text_spec("features", grid=4, text_loss=0.1))
