@@ -2,7 +2,7 @@
 training tokens/s, sampling images/s, FID (500 samples for the 500 held-out captions vs the
 500 held-out images) and prompt following. Prints a table (the README's); not a test.
 
-    python bench/shuffle_compare.py                  # about an hour on 2 CPU cores
+    python bench/shuffle_compare.py                  # about 2 hours on a CPU (the VQ: 34 min, s = 1: 50)
 
 The data are `shapes` at 128 px with captions (data/shapes128), tokenized by a 512-code VQ to
 16 x 16 codes (configs/tokenizer/vq_shapes128.yaml) and their captions by a BPE. Each s trains
@@ -88,7 +88,7 @@ def run_s(out: str, s: int, steps: int) -> dict:
 
 def speeds(row: dict, cfg: ShuffleCompareConfig) -> None:
     """Training tokens/s and sampling images/s of the trained model's shape, timed here."""
-    model = load_generator(row["weights"])
+    model = load_generator(row["weights"]).requires_grad_(True)  # loaded frozen, for inference
     spec = model.spec
     bench = ShuffleBenchConfig(train_batch=cfg.speed_batch, sample_batch=cfg.speed_batch,
                                vocab=spec.vocab_size, cfg_scale=1.5, train_steps=3)
