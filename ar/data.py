@@ -176,9 +176,8 @@ class CaptionCache:
     def __init__(self, path: str | Path, count: int):
         from tokenizer.text_cache import TEXT_DIR, read_text_meta
 
-        self.path = Path(path)
-        self.meta = read_text_meta(self.path)  # named errors: no caption side, stale captions
-        folder = self.path / TEXT_DIR
+        self.meta = read_text_meta(path)  # named errors: no caption side, stale captions
+        self.folder = folder = Path(path) / TEXT_DIR
         self.kind, self.max_tokens = self.meta["kind"], int(self.meta["max_tokens"])
         self.rows = np.load(folder / ("tokens.npy" if self.kind == "tokens" else "features.npy"),
                             mmap_mode="r")
@@ -190,7 +189,7 @@ class CaptionCache:
     def tokenizer_json(self) -> str:
         """The trained caption tokenizer (bpe), or "" (byte, features)."""
         file = (self.meta.get("tokenizer") or {}).get("file")
-        return (self.path / "text" / file).read_text() if file else ""
+        return (self.folder / file).read_text() if file else ""
 
     def get(self, indices: np.ndarray, drop: np.ndarray) -> TextCondition:
         rows = np.array(self.rows[np.sort(indices)])[np.argsort(np.argsort(indices))]
@@ -239,10 +238,9 @@ class BatchStream:
         if self.captions is not None:
             # a caption describes the original image only ("at the top left" is wrong for its
             # mirror image): text models train on variant 0
-            variants = np.zeros_like(variants)
-        codes = self.cache.items(indices, variants, self.seed, offset)
-        if self.captions is not None:
+            codes = self.cache.items(indices, np.zeros_like(variants), self.seed, offset)
             return codes, self.captions.get(indices, drop)
+        codes = self.cache.items(indices, variants, self.seed, offset)
         labels = self.cache.labels[indices].copy()
         labels[drop] = self.cache.num_classes  # the null class
         return codes, ClassCondition(torch.from_numpy(labels))
