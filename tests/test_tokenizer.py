@@ -117,6 +117,29 @@ def test_straight_through_gradient_reaches_encoder():
     assert g is not None and g.abs().sum() > 0
 
 
+def test_codebook_gradient_is_the_same_every_run_on_several_threads():
+    # 16x16 codes of 64 images: the text-to-image quickstart's VQ (16 images an update) was not
+    # bit-reproducible while the code lookup's backward summed rows in thread order; 64 images
+    # and 8 repeats make the old lookup fail this test reliably (measured), 16 did not
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        q = VectorQuantizer(512, 8, beta=0.25, l2_norm=True)
+        z = torch.randn(64, 8, 16, 16)
+        upstream = torch.randn(64, 8, 16, 16)
+        grads = []
+        for _ in range(8):
+            q.zero_grad()
+            zq, _, losses, _ = q(z)
+            ((zq * upstream).sum() + losses["codebook"]).backward()
+            grads.append(q.embedding.weight.grad.clone())
+        for g in grads[1:]:
+            assert torch.equal(g, grads[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_usage_window_and_dead_code_restart():
     q = VectorQuantizer(8, 4, beta=0.25, l2_norm=True)
     for _ in range(5):

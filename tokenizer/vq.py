@@ -334,7 +334,11 @@ class VectorQuantizer(CodeTracker):
         if self.l2_norm:
             z = F.normalize(z, p=2, dim=-1)
         idx = self.nearest(z.reshape(-1, D))  # (B*h*w,)
-        zq = self.codebook()[idx].view_as(z)
+        # F.embedding, not codebook()[idx]: the indexing's backward sums the rows' gradients in a
+        # thread-dependent order once a batch has more than ~2k latents (16x16 codes x 16), so
+        # training was not bit-reproducible; the embedding's backward is, and on fewer rows it
+        # gives the same bits as before
+        zq = F.embedding(idx, self.codebook()).view_as(z)
         codebook_loss = F.mse_loss(zq, z.detach())  # pulls codes toward the encoder
         commit_loss = self.beta * F.mse_loss(z, zq.detach())  # keeps the encoder near its code
         zq = z + (zq - z).detach()  # straight-through: the decoder's gradient reaches z
