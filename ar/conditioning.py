@@ -89,6 +89,8 @@ class LabelEmbedder(nn.Module):
     """Class labels -> prefix tokens (LlamaGen's `cls_embedding`) and/or an adaLN vector; with
     `tied`, the prefix is the adaLN vector itself (VAR's class_emb serves both)."""
 
+    loss_weight = 0.0  # a class prefix has no tokens of its own to predict (TextEmbedder's may)
+
     def __init__(self, num_classes: int, dim: int, num_tokens: int = 1, vector: bool = False,
                  tied: bool = False):
         super().__init__()

@@ -43,6 +43,15 @@ _WRONG_KIND = {
 }
 
 
+def read_sorted(array: np.ndarray, rows: np.ndarray, *more: np.ndarray) -> np.ndarray:
+    """array[rows, *more] (fancy indices, a copy), read in ascending row order: sorted reads
+    are kinder to a memory map."""
+    order = np.argsort(rows)
+    out = np.empty((len(rows), *array.shape[1 + len(more):]), dtype=array.dtype)
+    out[order] = array[(rows[order], *(m[order] for m in more))]
+    return out
+
+
 class _ShardedCache:
     """Memory-mapped per-image arrays (N, A, ...) and labels (N,) across a cache's shards."""
 
@@ -79,9 +88,7 @@ class _ShardedCache:
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         for s in np.unique(shard_of):
             rows = np.nonzero(shard_of == s)[0]
-            local = indices[rows] - self.starts[s]
-            order = np.argsort(local)  # sorted reads are kinder to a memory map
-            out[rows[order]] = self.shards[s][local[order], variants[rows[order]]]
+            out[rows] = read_sorted(self.shards[s], indices[rows] - self.starts[s], variants[rows])
         return out
 
 
@@ -192,7 +199,7 @@ class CaptionCache:
         return (self.folder / file).read_text() if file else ""
 
     def get(self, indices: np.ndarray, drop: np.ndarray) -> TextCondition:
-        rows = np.array(self.rows[np.sort(indices)])[np.argsort(np.argsort(indices))]
+        rows = read_sorted(self.rows, indices)
         rows[drop] = self.null
         dtype = np.int64 if self.kind == "tokens" else np.float32
         return TextCondition(torch.from_numpy(rows.astype(dtype)))

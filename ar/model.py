@@ -339,7 +339,7 @@ class ARModel(nn.Module):
         inputs, target, t = self.head.training_pair(seq, self.order.step_of, draws)
         h = self.states(inputs, cond, t)  # (B, L, D)
         loss, metrics = self.head.loss(self.inputs.predictions(h), target)
-        if getattr(self.cond, "loss_weight", 0):  # unified text sequences: the caption's own tokens
+        if self.cond.loss_weight:  # unified text sequences: the caption's own tokens
             text_loss = self.cond.loss(h[:, :self.prefix], cond)
             loss, metrics = loss + self.cond.loss_weight * text_loss, {**metrics, "text_loss": text_loss.detach()}
         return {"loss": loss, **metrics}

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -122,6 +123,11 @@ def atomic_write_text(path: str | Path, text: str) -> bool:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return True
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add .npy
+        np.save(f, array)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

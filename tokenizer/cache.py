@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_save_npy, atomic_write_text
 from dataset.folder import ClassFolderDataset
 
 FORMAT, VERSION = "argen-code-cache", 1
@@ -125,11 +125,6 @@ def shard_done(out: Path, span: Span, settings: dict, item_shape: tuple, root: P
     return _rows(out / data) == (n, len(VARIANTS), *item_shape) and _rows(out / labels) == (n,)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add .npy
-        np.save(f, array)
-
-
 def write_shard(out: Path, span: Span, settings: dict, codes: np.ndarray, labels: np.ndarray,
                 skipped: list[dict], kind: str = "discrete") -> None:
     """Write shard k: `codes` are the codes or moments (n, 2, ...) of its readable images."""
@@ -139,11 +134,11 @@ def write_shard(out: Path, span: Span, settings: dict, codes: np.ndarray, labels
     # the data file is the shard's commit mark, so it goes before the record changes and comes
     # back last: a kill in between leaves a shard that is not done, never a mismatched one
     (out / data).unlink(missing_ok=True)
-    _save_npy(out / labels_file, labels)
+    atomic_save_npy(out / labels_file, labels)
     record = {"settings": settings, "files": span.hi - span.lo, "files_sha256": span.files_sha256,
               "count": len(labels), "skipped": skipped}
     atomic_write_text(out / record_name(span.k), json.dumps(record, indent=1) + "\n")
-    _save_npy(out / data, codes)
+    atomic_save_npy(out / data, codes)
 
 
 _SHARD_FILE = re.compile(r"^(?:codes|moments|labels)_(\d{5,})\.npy$|^shard_(\d{5,})\.json$")

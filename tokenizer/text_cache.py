@@ -19,7 +19,6 @@ at sampling time are not cut: a prompt longer than the model's T is an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, check_fields
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_save_npy, atomic_write_text, sha256_file
 from tokenizer.text import left_pad, train_caption_tokenizer
 
 TEXT_DIR = "text"
@@ -52,7 +51,7 @@ class TextCacheConfig:
 
 
 def captions_sha256(out: Path) -> str:
-    return hashlib.sha256((out / "captions.jsonl").read_bytes()).hexdigest()
+    return sha256_file(out / "captions.jsonl")
 
 
 def read_captions(out: Path) -> list[str]:
@@ -73,12 +72,6 @@ def _settings(cfg: TextCacheConfig) -> dict:
     if cfg.kind == "encoder":
         keep["encoder"] = str(Path(cfg.encoder).resolve())
     return keep
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
 
 
 def _cut(rows: list[list[int]], length: int) -> tuple[list[list[int]], int]:
@@ -121,9 +114,9 @@ def _write_tokens(folder: Path, captions: list[str], cfg: TextCacheConfig) -> di
     rows = tok.encode_batch(captions)
     length = cfg.max_tokens or max(1, max(len(r) for r in rows))
     rows, cut = _cut(rows, length)
-    _save(folder / "tokens.npy", left_pad(rows, length))
-    _save(folder / "lengths.npy", np.array([len(r) for r in rows], dtype=np.int32))
-    _save(folder / "null.npy", left_pad([[]], length)[0])
+    atomic_save_npy(folder / "tokens.npy", left_pad(rows, length))
+    atomic_save_npy(folder / "lengths.npy", np.array([len(r) for r in rows], dtype=np.int32))
+    atomic_save_npy(folder / "null.npy", left_pad([[]], length)[0])
     if tok.kind == "bpe":
         atomic_write_text(folder / "tokenizer.json", tok.to_json())
     return {"kind": "tokens", "max_tokens": length, "truncated": cut,
@@ -140,9 +133,9 @@ def _write_features(folder: Path, captions: list[str], cfg: TextCacheConfig, dev
     features, lengths = encoder.features(captions, length, batch_size=cfg.batch_size,
                                          overflow="truncate")
     null, _ = encoder.features([""], length)
-    _save(folder / "features.npy", features)
-    _save(folder / "lengths.npy", lengths.astype(np.int32))
-    _save(folder / "null.npy", null[0])
+    atomic_save_npy(folder / "features.npy", features)
+    atomic_save_npy(folder / "lengths.npy", lengths.astype(np.int32))
+    atomic_save_npy(folder / "null.npy", null[0])
     return {"kind": "features", "max_tokens": length, "truncated": sum(c > length for c in counts),
             "channels": encoder.channels, "encoder": encoder.identity()}
 
