@@ -24,7 +24,8 @@ Stages; re-running the same command resumes where it stopped:
               Kept while the sources are unchanged.
   2. sample   sample.py mode=images -> OUT/samples/shard_*/ PNGs. One process per visible GPU
               (torchrun) when there are several, or nproc=N; finished shards are never redone
-              and image i depends only on (seed, i), not on the number of processes.
+              and image i depends only on (seed, i), not on the number of processes. Guidance
+              follows the release: LlamaGen guides only when cfg_scale > 1 (below 1: unguided).
   3. pack     shards in index order -> OUT/samples_{eval_size}.npz (arr_0 uint8 NHWC, arr_1
               labels), bicubic-resized to eval_size when the generation resolution differs
               (LlamaGen: 384 -> 256), streamed, so 50k images never sit in memory at once
@@ -41,7 +42,7 @@ import datetime
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List
 
@@ -94,13 +95,15 @@ class ReproduceConfig:
     image_size: int = 256  # generation resolution: the checkpoint's (256 or 384)
     eval_size: int = 256  # side the images are scored at; bicubic resize when it differs
     layout: str = "auto"  # llamagen: GPT checkpoint layout: auto | ddp | fsdp | deepspeed
+    n_head: int = 0  # llamagen: attention heads of a GPT outside LlamaGen's size table; 0: from the table
+    num_classes: int = 0  # llamagen: classes, where neither the file's args nor a 1001-row table tell
     use_ema: bool = False  # convert the checkpoint's EMA weights ("ema" | "model_ema"; the released files are what their evals use)
     num_images: int = 50000  # images to generate and score
     labels: str = "random"  # random (LlamaGen: uniform random classes) | balanced (N/classes each)
     seed: int = 0  # image i's noise and random label depend only on (seed, i)
     batch_size: int = 64  # images per process per forward pass (CFG doubles the rows)
     shard_size: int = 500  # images per shard, the unit of resumption
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering; llamagen: guided only when cfg_scale > 1, as its code (below 1 runs as 1)
     sampler: str = "plain"  # plain | sjd | coupled (lossless) | gsd (lossy): speculative decoding (llamagen; xar and var need plain)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the speculative samplers' window, draft init and gsd group
     precision: str = "auto"  # sampling: auto (bf16 where native: GPUs as LlamaGen, CPUs with AVX512-BF16/AMX) | bf16 | fp32
@@ -129,6 +132,19 @@ class ReproduceConfig:
 
 
 # ----------------------------------------------------------------------------- sampling
+
+def follow_release(cfg: ReproduceConfig, log) -> ReproduceConfig:
+    """The settings as the release's own sampler applies them. argen guides whenever cfg_scale
+    != 1, below 1 toward the null class (sampling/guidance.py), as xAR's and VAR's samplers do;
+    LlamaGen's sample_c2i / generate double the batch only when cfg_scale > 1, so there a
+    scale below 1 samples unguided: argen's cfg_scale=1, which is then what runs and is recorded."""
+    s = cfg.sampling
+    if cfg.family != "llamagen" or s.cfg_scale >= 1.0:
+        return cfg
+    log.info(f"sampling.cfg_scale={s.cfg_scale:g}: LlamaGen guides only above 1, so its code samples "
+             f"these unguided; so do we (cfg_scale=1 in the settings, the table and metrics.json)")
+    return replace(cfg, sampling=replace(s, cfg_scale=1.0))
+
 
 def sample_overrides(cfg: ReproduceConfig, weights: Path, folder: Path) -> list[str]:
     """sample.py's key=value arguments; the tokenizer comes from the weights (sha256-checked)."""
@@ -286,7 +302,8 @@ def convert_release(cfg: ReproduceConfig, folder: Path) -> tuple[Path, Path]:
         return gen, tok
     tok = convert_vq(VQConvertConfig(ckpt=cfg.tokenizer_ckpt, out=tok_out), reuse=True)
     gen = convert_gpt(GPTConvertConfig(ckpt=cfg.ckpt, out=gen_out, image_size=cfg.image_size,
-                                       tokenizer=str(tok), layout=cfg.layout, use_ema=cfg.use_ema),
+                                       tokenizer=str(tok), layout=cfg.layout, use_ema=cfg.use_ema,
+                                       n_head=cfg.n_head, num_classes=cfg.num_classes),
                       reuse=True)
     return gen, tok
 
@@ -294,6 +311,7 @@ def convert_release(cfg: ReproduceConfig, folder: Path) -> tuple[Path, Path]:
 def main(cfg: ReproduceConfig, extractor: InceptionExtractor | None = None) -> dict:
     """Run every stage; `extractor` lets a caller (tests) reuse a loaded Inception network."""
     log = get_logger("reproduce")
+    cfg = follow_release(cfg, log)
     out = Path(cfg.out or f"runs/reproduce/{cfg.name}")
     # fail now, not after hours of sampling: the reference and the evaluator must be there
     load_reference(cfg.ref)

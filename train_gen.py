@@ -34,7 +34,7 @@ from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, TextSp
 from ar.optim import lr_at
 from common import dist
 from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
-from common.io import DiskFullError, atomic_write_text, translate_disk_full
+from common.io import DiskFullError, atomic_write_text, make_folder, translate_disk_full
 from sampling.generate import SamplingConfig
 
 
@@ -181,6 +181,17 @@ def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache,
                          text=text_spec(captions))
 
 
+def check_grid(cfg: RunConfig, spec: GeneratorSpec) -> None:
+    """The grids' rows, checked before training rather than at its end."""
+    from sampling.prompts import check_class_ids
+
+    if cfg.grid.classes and spec.text.kind:
+        raise ConfigError(f"grid.classes={cfg.grid.classes}: this model is text-to-image, its grid "
+                          f"rows are grid.prompts (or 8 of the cache's captions)")
+    if cfg.grid.classes:
+        check_class_ids(spec, cfg.grid.classes, "grid.classes")
+
+
 def grid_prompts(cfg: RunConfig) -> list[str]:
     """The grid's prompts: grid.prompts, or 8 captions spread over the cache."""
     if cfg.grid.prompts:
@@ -210,7 +221,7 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
         log.warning(f"text encoder {spec.text.encoder} not found: no grid written")
         return
     classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
-    rows, names = grid_rows(ema_model, classes, prompts, device)
+    rows, names = grid_rows(ema_model, classes, prompts, device, key="grid.classes")
     cond = rows.repeat_rows(cfg.grid.per_class)
     codes = generate(ema_model, cond, torch.arange(len(cond), device=device), cfg.grid.seed,
                      cfg.grid.sampling)
@@ -249,7 +260,7 @@ def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache,
     size = {"codebook_size": meta["codebook_size"]} if "codebook_size" in meta else \
         {"channels": meta["channels"], "latent_scale": meta["latent_scale"]}
     data = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "grid": list(meta["grid"]),
-            **size, "count": meta["count"],
+            **size, "count": meta["count"], "fingerprint": cache.fingerprint(),
             "num_classes": meta["num_classes"], "resolution": meta["resolution"],
             "variants": list(meta["variants"])}
     if captions is not None:
@@ -295,6 +306,7 @@ def main(cfg: RunConfig) -> dict:
     cache = open_training_cache(cfg)
     captions = open_captions(cfg, cache)
     spec = make_spec(cfg, cache, captions)
+    check_grid(cfg, spec)
     identity = run_identity(cfg, cache, captions)
     micro, accum = batch_layout(cfg.train, info.world_size)
     ckpt, done = check_resume(cfg, run, identity, log)
@@ -330,7 +342,7 @@ def main(cfg: RunConfig) -> dict:
         log.info(f"resumed from {ckpt} at step {step}")
     writer, saved_step, last = None, step, {}
     if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        make_folder(run)
         atomic_write_text(run / "config.yaml", to_yaml(cfg))
         last = _truncate_metrics(run / "metrics.jsonl", step, log)
         from torch.utils.tensorboard import SummaryWriter
@@ -373,12 +385,14 @@ def main(cfg: RunConfig) -> dict:
                     _prune(run / "weights", cfg.train.keep_ckpts)
             if info.is_main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
-        bar.close()
+        bar.close()  # before the final grid's own progress
         if info.is_main:
             export_final(cfg, run, ema.model, spec, step, last, log)
     except DiskFullError as e:
         raise DiskFullError(e.path, f"free space and run the same command again; the last "
                                     f"complete checkpoint is step {saved_step}") from e
+    finally:  # a bar left open is redrawn at exit, after the error line
+        bar.close()
     dist.barrier()
     dist.cleanup()
     return last

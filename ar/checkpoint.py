@@ -24,8 +24,8 @@ import torch
 from ar.model import ARModel, GeneratorSpec
 from common import dist
 from common.config import from_yaml, recorded_differences, to_yaml
-from common.io import (DiskFullError, atomic_write_text, load_state_strict, read_weights, save_weights,
-                   translate_disk_full)
+from common.io import (DiskFullError, WriteRefusedError, atomic_write_text, load_state_strict,
+                       read_weights, save_weights, translate_disk_full)
 
 GENERATOR_KIND = "generator"
 
@@ -55,33 +55,28 @@ def save_resume(run_dir: str | Path, step: int, samples: int, model, optimizer, 
     """
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / _tag(step), root / f".{_tag(step)}.tmp"
-    failed = torch.zeros(1, device=info.device)
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    error = None
+    try:  # errors name `final`: the temporary folder is ours, not a path the user knows
+        with translate_disk_full(final):
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+    except (DiskFullError, WriteRefusedError) as e:
+        error = e
     dist.barrier()
     try:
-        with translate_disk_full(tmp):
-            state = {"cpu": torch.get_rng_state(), **(rank_state or {})}
-            if info.device.type == "cuda":
-                state["cuda"] = torch.cuda.get_rng_state(info.device)
-            torch.save(state, tmp / f"rng_rank{info.rank}.pt")
-            if engine is not None:  # DeepSpeed writes model and optimiser shards itself, on all ranks
-                engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step},
-                                       save_latest=False)
-            if info.is_main:
-                state = {"step": step, "samples": samples, "ema": ema.state_dict()}
-                if engine is None:
-                    state["model"] = model.state_dict()
-                    state["optimizer"] = optimizer.state_dict()
-                torch.save(state, tmp / "state.pt")
-                (tmp / "identity.json").write_text(json.dumps(identity or {}, indent=1) + "\n")
-    except DiskFullError:
-        failed += 1
+        with translate_disk_full(final):
+            if error is None and tmp.is_dir():
+                _write_resume_files(tmp, step, samples, model, optimizer, ema, info, engine,
+                                    identity, rank_state)
+    except (DiskFullError, WriteRefusedError) as e:
+        error = e
+    failed = torch.tensor([float(error is not None)], device=info.device)
     if dist.all_reduce_sum(failed).item() > 0:  # every rank gives up together
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise DiskFullError(tmp)
+        raise error or RuntimeError(f"another process could not write {final}; its error "
+                                    f"names the cause")
     dist.barrier()
     if info.is_main:
         shutil.rmtree(final, ignore_errors=True)
@@ -93,6 +88,25 @@ def save_resume(run_dir: str | Path, step: int, samples: int, model, optimizer, 
     dist.barrier()
     return final
 
+
+def _write_resume_files(tmp: Path, step: int, samples: int, model, optimizer, ema,
+                        info: dist.DistInfo, engine, identity: dict | None,
+                        rank_state: dict | None) -> None:
+    """This rank's files of a checkpoint, into the temporary folder `tmp`."""
+    state = {"cpu": torch.get_rng_state(), **(rank_state or {})}
+    if info.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(info.device)
+    torch.save(state, tmp / f"rng_rank{info.rank}.pt")
+    if engine is not None:  # DeepSpeed writes model and optimiser shards itself, on all ranks
+        engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step},
+                               save_latest=False)
+    if info.is_main:
+        state = {"step": step, "samples": samples, "ema": ema.state_dict()}
+        if engine is None:
+            state["model"] = model.state_dict()
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / "state.pt")
+        (tmp / "identity.json").write_text(json.dumps(identity or {}, indent=1) + "\n")
 
 def load_resume(path: Path, model, optimizer, ema, info: dist.DistInfo,
                 engine=None) -> tuple[int, int, dict]:
@@ -123,6 +137,15 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[-1])
 
 
+# what a difference in the recorded data means, for the refusal's message
+IDENTITY_MEANINGS = {
+    "data.fingerprint": "the cache holds other codes or labels than the run started on: another "
+                        "dataset, or the images encoded anew",
+    "data.tokenizer_sha256": "the cache was encoded with another tokenizer",
+    "data.text.captions_sha256": "other captions",
+}
+
+
 def check_identity(path: Path, identity: dict, run_dir: str | Path) -> bool:
     """Refuse to resume a checkpoint made with other data or settings, listing each difference.
 
@@ -131,7 +154,7 @@ def check_identity(path: Path, identity: dict, run_dir: str | Path) -> bool:
     stored_file = path / "identity.json"
     if not stored_file.is_file():
         return False
-    diffs = recorded_differences(json.loads(stored_file.read_text()), identity)
+    diffs = recorded_differences(json.loads(stored_file.read_text()), identity, IDENTITY_MEANINGS)
     if diffs:
         raise ValueError(f"{path} was made with other data or settings than this run "
                          f"({'; '.join(diffs)}). To start a new run, choose another out_dir= "

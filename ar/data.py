@@ -59,7 +59,7 @@ class _ShardedCache:
     data_key = ""  # the shards' data-file key in meta.json
 
     def __init__(self, path: str | Path):
-        from tokenizer.cache import read_meta  # validates meta.json with clear errors
+        from tokenizer.cache import open_array, read_meta  # named errors for broken files
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
@@ -70,17 +70,24 @@ class _ShardedCache:
         self.num_classes = int(self.meta["num_classes"])
         self.class_names = list(self.meta["class_names"])
         self.num_variants = len(self.meta["variants"])
-        data, labels = [], []
-        for shard in self.meta["shards"]:
-            data.append(np.load(self.path / shard[self.data_key], mmap_mode="r"))
-            labels.append(np.load(self.path / shard["labels"]))
-        self.shards = data
-        self.starts = np.cumsum([0] + [len(c) for c in data])
-        self.labels = np.concatenate(labels).astype(np.int64)
+        self.shards = [open_array(self.path / s[self.data_key]) for s in self.meta["shards"]]
+        self.shard_labels = [open_array(self.path / s["labels"], mmap=False) for s in self.meta["shards"]]
+        self.starts = np.cumsum([0] + [len(c) for c in self.shards])
+        self.labels = np.concatenate(self.shard_labels).astype(np.int64)
         self.count = int(self.starts[-1])
         if self.count != self.meta["count"] or self.count == 0:
             raise ValueError(f"{self.path}: meta.json says {self.meta['count']} images but the "
                              f"shards hold {self.count}; re-run the encode command")
+
+    def fingerprint(self) -> str:
+        """The hash of every shard's data and labels that the encoder recorded in meta.json;
+        caches written before it did are hashed now."""
+        from tokenizer.cache import array_sha256, cache_fingerprint
+
+        if "fingerprint" in self.meta:
+            return self.meta["fingerprint"]
+        return cache_fingerprint([{"data": array_sha256(d), "labels": array_sha256(l)}
+                                  for d, l in zip(self.shards, self.shard_labels)])
 
     def _gather(self, indices: np.ndarray, variants: np.ndarray, dtype) -> np.ndarray:
         """Rows (n, ...) of the given image indices and variants, as `dtype`."""
@@ -181,17 +188,20 @@ class CaptionCache:
     caption's row (`null`) that a dropped caption becomes."""
 
     def __init__(self, path: str | Path, count: int):
-        from tokenizer.text_cache import TEXT_DIR, read_text_meta
+        from tokenizer.text_cache import REMAKE, TEXT_DIR, read_text_meta, text_files_problem
 
         self.meta = read_text_meta(path)  # named errors: no caption side, stale captions
         self.folder = folder = Path(path) / TEXT_DIR
+        broken = text_files_problem(folder, self.meta)
+        if broken is not None:
+            raise ValueError(f"{broken}; {REMAKE}")
         self.kind, self.max_tokens = self.meta["kind"], int(self.meta["max_tokens"])
         self.rows = np.load(folder / ("tokens.npy" if self.kind == "tokens" else "features.npy"),
                             mmap_mode="r")
         self.null = np.load(folder / "null.npy")
         if len(self.rows) != count:
             raise ValueError(f"{folder} holds {len(self.rows)} captions for a cache of {count} "
-                             f"images; run the encode command again to remake it")
+                             f"images; {REMAKE}")
 
     def tokenizer_json(self) -> str:
         """The trained caption tokenizer (bpe), or "" (byte, features)."""

@@ -287,13 +287,26 @@ def check_paths(cfg: Any, paths: dict[str, str]) -> None:
             raise ConfigError(f"{key}={value} not found; {how}")
 
 
-def recorded_differences(stored: dict, now: dict) -> list[str]:
+def recorded_differences(stored: dict, now: dict, meanings: dict[str, str] | None = None) -> list[str]:
     """'key: checkpoint A, now B' for every (dotted) key a checkpoint recorded whose value now
-    differs. A key the checkpoint lacks is a setting added since it was written, whose default
-    keeps the old behaviour, so only what it recorded is compared."""
+    differs, followed by what that means where `meanings` says (a key or a section above it).
+    A key the checkpoint lacks is a setting added since it was written, whose default keeps
+    the old behaviour, so only what it recorded is compared. Hashes are shortened to 12 digits."""
     flat_stored, flat_now = _flatten(stored), _flatten(json.loads(json.dumps(now)))  # tuples -> lists
-    return [f"{k}: checkpoint {flat_stored[k]!r}, now {flat_now.get(k, '(absent)')!r}"
-            for k in sorted(flat_stored) if flat_stored[k] != flat_now.get(k)]
+    lines = []
+    for k in sorted(flat_stored):
+        if flat_stored[k] == flat_now.get(k):
+            continue
+        line = f"{k}: checkpoint {_shown(flat_stored[k])}, now {_shown(flat_now.get(k, '(absent)'))}"
+        why = [m for key, m in (meanings or {}).items() if k == key or k.startswith(key + ".")]
+        lines.append(f"{line} ({why[0]})" if why else line)
+    return lines
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return repr(value[:12] + "...")
+    return repr(value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-# below this many free bytes, a failed write is taken to be a full disk: torch.save reports one
-# as "enforce fail at inline_container.cc ... unexpected pos", not as ENOSPC
+# below this many free bytes, a failed torch.save is taken to be a full disk: torch.save reports
+# one as a RuntimeError ("enforce fail at inline_container.cc ... unexpected pos"), not as ENOSPC
 _NEARLY_FULL = 64 << 20
 
 
@@ -40,10 +40,27 @@ class DiskFullError(OSError):
         return self.strerror
 
 
+class WriteRefusedError(OSError):
+    """The file system refused a write for another reason than space (a read-only mount, no
+    permission, a path that cannot hold files such as /proc); the message names the file the
+    user asked for, not the temporary one the write went to."""
+
+    def __init__(self, path: str | Path, cause: OSError):
+        reason = cause.strerror or str(cause)
+        super().__init__(cause.errno, f"cannot write {path} ({reason}); choose a writable "
+                                      f"location, or check the folder's permissions and mount")
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def is_disk_full(exc: BaseException, path: str | Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(exc, (RuntimeError, OSError)):
+    """Only ENOSPC / EDQUOT, or torch.save's RuntimeError on a nearly full file system: any other
+    failure (read-only, permission, /proc) is not a full disk, however little space is free."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, RuntimeError):
         folder = Path(path)
         while not folder.is_dir() and folder != folder.parent:
             folder = folder.parent
@@ -56,15 +73,42 @@ def is_disk_full(exc: BaseException, path: str | Path) -> bool:
 
 @contextlib.contextmanager
 def translate_disk_full(path: str | Path) -> Iterator[None]:
-    """Re-raise a failed write on a full disk as DiskFullError naming `path`."""
+    """Re-raise a failed write naming `path`: DiskFullError on a full disk, WriteRefusedError
+    when the file system refused it for another reason."""
     try:
         yield
-    except DiskFullError:
+    except (DiskFullError, WriteRefusedError):
         raise
     except (OSError, RuntimeError) as e:
         if is_disk_full(e, path):
             raise DiskFullError(path) from e
+        if isinstance(e, OSError) and e.errno in _REFUSED and _writing(e, Path(path)):
+            raise WriteRefusedError(path, e) from e
         raise
+
+
+# errno values of a write the file system refused for another reason than space
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def _writing(exc: OSError, target: Path) -> bool:
+    """Whether the failed call was on the target, a folder above it or one of our temporary
+    files (hidden, '.tmp'), rather than on an input the writer was reading (which its own
+    error already names)."""
+    if exc.filename is None:
+        return True
+    failed = Path(exc.filename)
+    ours = any(part.startswith(".") and part.endswith(".tmp") for part in failed.parts)
+    return ours or failed == target or failed in target.parents
+
+
+def make_folder(path: str | Path) -> Path:
+    """mkdir -p, with a refused or full file system named by `path` (the output folder a
+    command was given), as every write here is."""
+    path = Path(path)
+    with translate_disk_full(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -75,7 +119,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (a full disk among them, raised as DiskFullError) removes the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     with translate_disk_full(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -29,11 +29,17 @@ rotary table of the requested image_size. Unknown, missing or mis-shaped keys ar
 lists them by their LlamaGen names.
 
 The architecture is read from the tensor shapes: width and vocabulary from tok_embeddings,
-classes from the class table (its last row is the null class, id num_classes, as in argen),
-depth from the layer indices, heads from LlamaGen's size table by (width, depth) (or n_head=),
-key/value heads from wqkv. The code grid is image_size / downsample. A shape that equals an
-entry of ar.model.AR_SIZES is stored under that name (GPT-B/L/XL/XXL -> AR-B/L/XL/XXL); others
-(GPT-3B, GPT-1B, GPT-XXXL, GPT-7B) are stored as explicit dim/n_layer/n_head overrides.
+depth from the layer indices, key/value heads from wqkv. Two facts are not in the shapes:
+- heads: LlamaGen's size table by (width, depth); a width and depth not in it need n_head=.
+  Where the file holds LlamaGen's training args (`args`), their gpt_model must agree with n_head=.
+- classes: LlamaGen's class table has num_classes + 1 rows when trained with class dropout (the
+  last is the null class, id num_classes, as in argen) and num_classes rows without. The count
+  comes from num_classes=, else the args' num_classes (or class_dropout_prob), else rows - 1 when
+  that is a known count (1000: ImageNet, every release); other tables need num_classes=. A table
+  without the null row cannot be converted: argen's classifier-free guidance needs that row.
+The code grid is image_size / downsample. A shape that equals an entry of ar.model.AR_SIZES is
+stored under that name (GPT-B/L/XL/XXL -> AR-B/L/XL/XXL); others (GPT-3B, GPT-1B, GPT-XXXL,
+GPT-7B) are stored as explicit dim/n_layer/n_head overrides.
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
-from convert.common import (LAYOUTS, load_converted, load_foreign, rename, run_commands, select_state,
-                            split_keys, up_to_date)
+from convert.common import (LAYOUTS, checkpoint_args, load_converted, load_foreign, rename,
+                            run_commands, select_state, split_keys, up_to_date)
 from tokenizer import WEIGHTS_KIND, build_tokenizer, read_tokenizer_config
 from tokenizer.vq import VQConfig, VQModel
 
@@ -85,7 +91,9 @@ LLAMAGEN_SIZES = {
     (1536, 48): ("GPT-XXL", 24), (2560, 48): ("GPT-XXXL", 40), (2048, 22): ("GPT-1B", 32),
     (3200, 24): ("GPT-3B", 32), (4096, 32): ("GPT-7B", 32),
 }
-
+# the class count a table of count + 1 rows is read as without args or num_classes=: ImageNet's
+# (every released c2i checkpoint)
+KNOWN_CLASS_COUNTS = (1000,)
 
 
 def argen_to_llamagen(keys) -> dict[str, str]:
@@ -98,26 +106,75 @@ def argen_to_llamagen(keys) -> dict[str, str]:
 #                          Architecture from shapes                              #
 ##################################################################################
 
-def _heads(dim: int, n_layer: int) -> int:
-    if (dim, n_layer) in LLAMAGEN_SIZES:
-        return LLAMAGEN_SIZES[(dim, n_layer)][1]
-    for s in AR_SIZES.values():
-        if (s["dim"], s["n_layer"]) == (dim, n_layer):
-            return s["n_head"]
-    raise ValueError(f"width {dim} with {n_layer} layers is not a LlamaGen size "
-                     f"({sorted(v[0] for v in LLAMAGEN_SIZES.values())}); pass n_head=")
+def _args_size(args: dict, dim: int, n_layer: int) -> tuple[str, int] | None:
+    """(name, heads) of the LlamaGen size the training args name (gpt_model), when the weights
+    have its width and depth; args naming another size are not this file's, and are ignored."""
+    name = args.get("gpt_model")
+    shape = next((wd for wd, (n, _) in LLAMAGEN_SIZES.items() if n == name), None)
+    if shape is None:
+        return None
+    if shape != (dim, n_layer):
+        get_logger("convert").warning(f"the checkpoint's args name gpt_model={name} ({shape[0]} "
+                                      f"wide, {shape[1]} layers) but its weights are {dim} wide "
+                                      f"with {n_layer} layers; the args' size is ignored")
+        return None
+    return LLAMAGEN_SIZES[shape]
+
+
+def resolve_heads(dim: int, n_layer: int, n_head: int, args: dict, source: str) -> int:
+    """The head count (not visible in the shapes): n_head=, else LlamaGen's size table."""
+    named = _args_size(args, dim, n_layer)
+    if named and n_head and n_head != named[1]:
+        raise ConfigError(f"{source}: n_head={n_head}, but its training args say gpt_model="
+                          f"{named[0]}, which has {named[1]} heads; drop n_head=")
+    size = LLAMAGEN_SIZES.get((dim, n_layer))
+    if n_head or size:
+        return n_head or size[1]
+    raise ConfigError(f"{source}: width {dim} with {n_layer} layers is not one of LlamaGen's sizes "
+                      f"({', '.join(v[0] for v in LLAMAGEN_SIZES.values())}), and the head count "
+                      f"is not visible in the shapes: pass n_head= (the heads it was trained with)")
+
+
+def resolve_classes(rows: int, num_classes: int, args: dict, source: str) -> int:
+    """The class count of a class table of `rows` rows (num_classes + 1 with class dropout,
+    num_classes without): num_classes=, the training args, or a known count + the null row."""
+    trained, dropout = args.get("num_classes"), args.get("class_dropout_prob")
+    if num_classes and trained and num_classes != trained:
+        raise ConfigError(f"{source}: num_classes={num_classes}, but its training args say "
+                          f"num_classes={trained}; drop num_classes=")
+    classes = num_classes or trained or (rows - (dropout > 0) if dropout is not None else 0)
+    if not classes:
+        if rows - 1 not in KNOWN_CLASS_COUNTS:
+            raise ConfigError(f"{source}: its class table has {rows} rows: {rows - 1} classes and the "
+                              f"null row of class dropout, or {rows} classes trained without it, and "
+                              f"no training args in the file say which: pass num_classes={rows - 1} "
+                              f"(trained with class dropout, LlamaGen's default)")
+        classes = rows - 1
+    if rows == classes + 1 and dropout != 0:
+        return classes
+    if rows == classes and not dropout:
+        raise ValueError(f"{source}: its class table has {rows} rows for {classes} classes: no "
+                         f"null-class row (trained without class dropout); argen's class table "
+                         f"and classifier-free guidance need one, so it cannot be converted")
+    said = "" if dropout is None else f" (its args: class_dropout_prob={dropout})"
+    raise ValueError(f"{source}: its class table has {rows} rows, which fits {classes} classes "
+                     f"neither with the null row nor without it{said}; pass the num_classes= it "
+                     f"was trained with")
 
 
 def infer_gpt_spec(shapes: dict, image_size: int, downsample: int, n_head: int = 0,
-                   num_classes: int = 0, class_names: list[str] | None = None) -> GeneratorSpec:
-    """The GeneratorSpec of a LlamaGen c2i GPT from its {LlamaGen key: shape} table."""
+                   num_classes: int = 0, class_names: list[str] | None = None,
+                   args: dict | None = None, source: str = "the checkpoint") -> GeneratorSpec:
+    """The GeneratorSpec of a LlamaGen c2i GPT from its {LlamaGen key: shape} table and the
+    training args saved with it ({} where none)."""
     if any(k.startswith("cls_embedding.cap_proj") for k in shapes):
-        raise ValueError("this is a text-to-image (t2i) LlamaGen checkpoint; only class-"
-                         "conditional (c2i) checkpoints convert to argen")
+        raise ValueError(f"{source} is a text-to-image (t2i) LlamaGen checkpoint; only class-"
+                         f"conditional (c2i) checkpoints convert to argen")
     need = ["tok_embeddings.weight", "cls_embedding.embedding_table.weight",
             "layers.0.attention.wqkv.weight"]
     if any(k not in shapes for k in need):
-        raise ValueError(f"not a LlamaGen c2i GPT state dict: missing {[k for k in need if k not in shapes]}")
+        raise ValueError(f"{source}: not a LlamaGen c2i GPT state dict: missing "
+                         f"{[k for k in need if k not in shapes]}")
     if image_size <= 0 or downsample <= 0 or image_size % downsample:
         raise ConfigError(f"image_size={image_size} must be a positive multiple of downsample="
                           f"{downsample}: use the resolution the checkpoint was trained at "
@@ -125,16 +182,13 @@ def infer_gpt_spec(shapes: dict, image_size: int, downsample: int, n_head: int =
     vocab, dim = shapes["tok_embeddings.weight"]
     rows, width = shapes["cls_embedding.embedding_table.weight"]
     if width != dim:
-        raise ValueError(f"class table width {width} differs from the model width {dim}; only "
-                         f"one class token per image (cls_token_num=1) is supported")
-    classes = num_classes or rows - 1
-    if rows != classes + 1:
-        raise ValueError(f"the class table has {rows} rows for {classes} classes; argen needs one "
-                         f"extra row for the null class (a checkpoint trained with class dropout)")
+        raise ValueError(f"{source}: class table width {width} differs from the model width {dim}; "
+                         f"only one class token per image (cls_token_num=1) is supported")
+    classes = resolve_classes(rows, num_classes, args or {}, source)
     n_layer = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k)))
-    n_head = n_head or _heads(dim, n_layer)
+    n_head = resolve_heads(dim, n_layer, n_head, args or {}, source)
     if dim % n_head:
-        raise ConfigError(f"n_head={n_head} does not divide the width {dim}")
+        raise ConfigError(f"n_head={n_head} does not divide the width {dim} of {source}")
     head_dim = dim // n_head
     n_kv_head = (shapes["layers.0.attention.wqkv.weight"][0] // head_dim - n_head) // 2
     size = next((name for name, s in AR_SIZES.items()
@@ -153,11 +207,12 @@ def infer_gpt_spec(shapes: dict, image_size: int, downsample: int, n_head: int =
                          num_classes=classes, class_names=names, resolution=image_size)
 
 
-def infer_vq_config(shapes: dict, l2_norm: bool = True) -> VQConfig:
+def infer_vq_config(shapes: dict, l2_norm: bool = True, source: str = "the checkpoint") -> VQConfig:
     """The VQConfig of a LlamaGen VQ model from its {key: shape} table."""
     need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight"]
     if any(k not in shapes for k in need):
-        raise ValueError(f"not a LlamaGen VQ state dict: missing {[k for k in need if k not in shapes]}")
+        raise ValueError(f"{source}: not a LlamaGen VQ state dict: missing "
+                         f"{[k for k in need if k not in shapes]}")
     ch = shapes["encoder.conv_in.weight"][0]
     levels = 1 + max(int(m.group(1)) for k in shapes
                      if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k)))
@@ -184,8 +239,8 @@ class GPTConvertConfig:
     tokenizer: str = ""  # converted tokenizer weights (from `vq`); its path and sha256 go into the spec
     layout: str = "auto"  # auto | ddp ("model") | fsdp (raw state dict) | deepspeed ("module")
     use_ema: bool = False  # ddp: convert the "ema" weights (LlamaGen's own sampler uses "model")
-    n_head: int = 0  # attention heads; 0: LlamaGen's size table by (width, depth)
-    num_classes: int = 0  # 0: rows of the class table minus the null row
+    n_head: int = 0  # attention heads; 0: LlamaGen's size table by (width, depth); other sizes need it
+    num_classes: int = 0  # 0: the file's training args, else class-table rows - 1 if that is 1000
     class_names: str = ""  # text file with one class name per line; empty: "class 0", "class 1", ...
 
     def validate(self) -> None:
@@ -229,7 +284,7 @@ def _class_names(path: str) -> list[str] | None:
 def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
     """Write argen generator weights for a LlamaGen c2i GPT; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "llamagen-gpt")
     state, layout, entry = select_state(obj, path, cfg.layout, cfg.use_ema)
     mapped, dropped = split_keys(state, GPT_KEYS, GPT_DERIVED, str(path))
     downsample = cfg.downsample
@@ -240,7 +295,8 @@ def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
                               f"by {tok_down}")
         downsample = tok_down
     spec = infer_gpt_spec({k: tuple(v.shape) for k, v in state.items()}, cfg.image_size,
-                          downsample or 16, cfg.n_head, cfg.num_classes, _class_names(cfg.class_names))
+                          downsample or 16, cfg.n_head, cfg.num_classes, _class_names(cfg.class_names),
+                          checkpoint_args(obj), str(path))
     if cfg.tokenizer:
         if codebook != spec.vocab_size:
             raise ValueError(f"{path} predicts {spec.vocab_size} codes but tokenizer {cfg.tokenizer} "
@@ -277,10 +333,10 @@ def convert_gpt(cfg: GPTConvertConfig, reuse: bool = False) -> Path:
 def convert_vq(cfg: VQConvertConfig, reuse: bool = False) -> Path:
     """Write argen tokenizer weights for a LlamaGen VQ model; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "llamagen-vq")
     state, layout, entry = select_state(obj, path, cfg.layout, cfg.use_ema)
     mapped, dropped = split_keys(state, None, VQ_DERIVED, str(path))
-    vq_cfg = infer_vq_config({k: tuple(v.shape) for k, v in state.items()}, cfg.l2_norm)
+    vq_cfg = infer_vq_config({k: tuple(v.shape) for k, v in state.items()}, cfg.l2_norm, str(path))
     source = _source(path, layout, entry, dropped)
     if reuse and up_to_date(Path(cfg.out), to_yaml(vq_cfg), source):
         log.info(f"{cfg.out} is up to date with {path}")

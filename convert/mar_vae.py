@@ -105,10 +105,11 @@ def _indices(shapes: dict, pattern: str) -> list[int]:
 
 def infer_config(shapes: dict, source: str, latent_scale: float = MAR_SCALE) -> KLConfig:
     """The KLConfig of a MAR KL VAE from its {key: shape} table."""
-    if any(k.startswith("quantize.") for k in shapes):
+    if any(k.startswith("quantize.") for k in shapes):  # a VQ whose family load_foreign missed
         raise ValueError(f"{source}: this is a VQ tokenizer checkpoint (it has "
                          f"{next(k for k in shapes if k.startswith('quantize.'))}), not MAR's KL VAE; "
-                         f"convert a LlamaGen VQ with `python -m convert.llamagen vq`")
+                         f"a LlamaGen VQ converts with `python -m convert.llamagen vq`, a VAR VQVAE "
+                         f"with `python -m convert.var vqvae`")
     need = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quant_conv.weight",
             "post_quant_conv.weight", "decoder.conv_out.weight"]
     missing = [k for k in need if k not in shapes]
@@ -158,7 +159,7 @@ def map_state(state: dict, table: dict[str, str], source: str) -> dict[str, torc
 def convert(cfg: MarVAEConvertConfig, reuse: bool = False) -> Path:
     """Write argen tokenizer weights for a MAR KL VAE; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "mar-vae")
     state, layout, entry = select_state(obj, path, cfg.layout)
     kl_cfg = infer_config({k: tuple(v.shape) for k, v in state.items()}, str(path), cfg.latent_scale)
     source = {"project": "LTH14/mar", "file": path.name, "sha256": sha256_file(path),

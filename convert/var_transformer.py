@@ -136,7 +136,7 @@ def infer_var_spec(shapes: dict, tokenizer, source: str) -> GeneratorSpec:
     if any(k not in shapes for k in need):
         raise ValueError(f"{source}: not a VAR transformer state dict (FoundationVision/VAR "
                          f"models/var.py): missing {[k for k in need if k not in shapes]}")
-    rows, dim = shapes["class_emb.weight"]
+    rows, dim = shapes["class_emb.weight"]  # num_classes + 1: VAR always keeps the null row
     tokens, scales = shapes["pos_1LC"][0], shapes["lvl_embed.weight"][0]
     vocab, code_dim = shapes["head.weight"][0], shapes["word_embed.weight"][1]
     depth = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
@@ -202,7 +202,7 @@ def _describe(spec: GeneratorSpec) -> str:
 def convert_var(cfg: VARConvertConfig, reuse: bool = False) -> Path:
     """Write argen generator weights for a VAR transformer; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "var")
     state = merge_var_tensors(_raw_state(obj, path), str(path))
     tok = load_tokenizer(cfg.tokenizer)
     if tok.kind != "multiscale":

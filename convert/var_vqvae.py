@@ -106,24 +106,14 @@ def _indices(shapes: dict, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
 
 
-def _not_a_var_vqvae(shapes: dict, source: str) -> str:
-    hint = ""
-    if any(k.startswith("encoder.conv_blocks.") for k in shapes):
-        hint = " It looks like a LlamaGen VQ tokenizer: convert it with `python -m convert.llamagen vq`."
-    elif not any(k.startswith("quantize.") for k in shapes) and "encoder.conv_in.weight" in shapes:
-        hint = " It has no quantiser: a KL VAE (MAR's) converts with `python -m convert.mar_vae`."
-    elif any(k.startswith(("blocks.", "word_embed.")) for k in shapes):
-        hint = " It looks like a VAR transformer (var_d*.pth), not the VQVAE."
-    return (f"{source}: not a VAR VQVAE state dict (FoundationVision/VAR models/vqvae.py); its keys "
-            f"start {sorted(shapes)[:5]}.{hint}")
-
-
 def infer_vqvae_config(shapes: dict, source: str, patch_nums=None, quant_resi: float = 0.5) -> MSVQConfig:
     """The MSVQConfig of a VAR VQVAE from its {key: shape} table."""
     need = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quant_conv.weight",
             "quantize.embedding.weight", "decoder.conv_out.weight"]
-    if any(k not in shapes for k in need):
-        raise ValueError(_not_a_var_vqvae(shapes, source))
+    if any(k not in shapes for k in need):  # (another family's checkpoint: load_foreign names it)
+        raise ValueError(f"{source}: not a VAR VQVAE state dict (FoundationVision/VAR "
+                         f"models/vqvae.py): missing {[k for k in need if k not in shapes]}; its "
+                         f"keys start {sorted(shapes)[:5]}")
     ch = shapes["encoder.conv_in.weight"][0]
     widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
               for i in _indices(shapes, r"encoder\.down\.(\d+)\.")]
@@ -175,25 +165,20 @@ class VQVAEConvertConfig:
 
 
 def _raw_state(obj, path: Path) -> dict:
-    """VAR's raw state dict; a wrapped checkpoint ({"model": ...}) is another project's layout."""
+    """VAR's raw state dict (VAR saves the state dict itself, not wrapped in {"model": ...})."""
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     bad = sorted(k for k, v in obj.items() if not torch.is_tensor(v))
     if bad:
-        wrapped = {k: v for k, v in obj.items() if isinstance(v, dict)}
-        inner = next(iter(wrapped.values()), {})
-        msg = f"{path}: not VAR's raw state dict: top-level entries {bad[:6]} are not tensors"
-        if inner and all(torch.is_tensor(v) for v in inner.values()):
-            raise ValueError(msg + ". " + _not_a_var_vqvae({k: tuple(v.shape) for k, v in inner.items()},
-                                                           f"its '{next(iter(wrapped))}' entry"))
-        raise ValueError(msg)
+        raise ValueError(f"{path}: not VAR's raw state dict: top-level entries {bad[:6]} are not "
+                         f"tensors; VAR's releases are the state dict itself")
     return dict(obj)
 
 
 def convert_vqvae(cfg: VQVAEConvertConfig, reuse: bool = False) -> Path:
     """Write argen tokenizer weights for a VAR VQVAE; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "var-vqvae")
     state = _raw_state(obj, path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     ms_cfg = infer_vqvae_config(shapes, str(path), cfg.patch_nums, cfg.quant_resi)

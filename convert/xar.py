@@ -80,10 +80,7 @@ XAR_DERIVED = ("mask", "encoder_blocks.{i}.attn.rope.freqs", "encoder_blocks.{i}
 
 
 def _depth(shapes: dict, half: str) -> int:
-    found = [int(m.group(1)) for k in shapes if (m := re.match(rf"{half}_blocks\.(\d+)\.", k))]
-    if not found:
-        raise ValueError(f"not an xAR state dict: no {half}_blocks.* keys")
-    return 1 + max(found)
+    return 1 + max(int(m.group(1)) for k in shapes if (m := re.match(rf"{half}_blocks\.(\d+)\.", k)))
 
 
 def _to_argen(state: dict, enc_depth: int, source: str) -> tuple[dict, dict]:
@@ -115,12 +112,14 @@ def argen_to_xar(keys, enc_depth: int) -> dict[str, str]:
 #                          Architecture from shapes                              #
 ##################################################################################
 
-def infer_xar_spec(shapes: dict, mask: torch.Tensor | None, downsample: int = 16) -> GeneratorSpec:
+def infer_xar_spec(shapes: dict, mask: torch.Tensor | None, downsample: int = 16,
+                   source: str = "the checkpoint") -> GeneratorSpec:
     """The GeneratorSpec of an xAR model from its {xAR key: shape} table and its mask."""
     need = ["z_proj.weight", "class_emb.weight", "encoder_pos_embed_learned",
             "encoder_blocks.0.attn.rope.freqs", "decoder_blocks.0.mlp.fc1_g.weight"]
     if any(k not in shapes for k in need):
-        raise ValueError(f"not an xAR state dict: missing {[k for k in need if k not in shapes]}")
+        raise ValueError(f"{source}: not an xAR state dict: missing "
+                         f"{[k for k in need if k not in shapes]}")
     dim, channels = shapes["z_proj.weight"]
     tokens = shapes["encoder_pos_embed_learned"][1]
     grid = math.isqrt(tokens)
@@ -146,7 +145,7 @@ def infer_xar_spec(shapes: dict, mask: torch.Tensor | None, downsample: int = 16
                         cond_tokens=0, pos_embed="learned", backbone=backbone,
                         token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     model.validate()
-    classes = rows - 1
+    classes = rows - 1  # xAR's table always ends with the null row (1001 rows, whatever class_num)
     return GeneratorSpec(model=model, latent_channels=channels, grid_h=grid, grid_w=grid,
                          num_classes=classes, class_names=[f"class {i}" for i in range(classes)],
                          resolution=grid * downsample)
@@ -222,11 +221,11 @@ def _tokenizer(path: str):
 def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
     """Write argen generator weights for an xAR checkpoint; `reuse` keeps an up-to-date `out`."""
     log = get_logger("convert")
-    obj, path = load_foreign(cfg.ckpt)
+    obj, path = load_foreign(cfg.ckpt, "xar")
     state, entry = select_xar_state(obj, path, cfg.use_ema)
     tok = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     spec = infer_xar_spec({k: tuple(v.shape) for k, v in state.items()}, state.get("mask"),
-                          tok.downsample if tok is not None else 16)
+                          tok.downsample if tok is not None else 16, str(path))
     if cfg.size and spec.model.size != cfg.size:
         raise ValueError(f"{path} is {_describe(spec)}, not {cfg.size} "
                          f"({AR_SIZES[cfg.size]}); pass the checkpoint of that size or size={spec.model.size}")

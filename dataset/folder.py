@@ -8,6 +8,7 @@ built-in `shapes` set writes one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,9 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from common.io import sha256_file
 from dataset.images import IMAGE_EXTENSIONS, is_image_file, load_image, to_tensor
 
 CAPTIONS_FILE = "captions.jsonl"
+# what a run records of its images, so that a resume on other images is refused: "stat" hashes
+# names, sizes and modification times (cheap at 1.28M files), "content" every file's bytes
+FINGERPRINTS = ("stat", "content")
 _HOW_TO_GET_DATA = ("create it with `python -m dataset.shapes` or point data.root at an "
                     "ImageNet-layout folder (root/<class_name>/<images>)")
 
@@ -114,6 +119,37 @@ class ClassFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def relative_name(self, i: int) -> str:
+        """Image i's path relative to the root, '/'-separated (what caches record)."""
+        return os.path.relpath(self.samples[i][0], self.root).replace(os.sep, "/")
+
+    def files_sha256(self, lo: int = 0, hi: int | None = None) -> str:
+        """Hash of the (label, relative path) list of items [lo, hi). Labels are in it because
+        adding a class folder renumbers the labels of unchanged files."""
+        return _sha256_lines(f"{self.samples[i][1]}\t{self.relative_name(i)}"
+                             for i in range(lo, len(self) if hi is None else hi))
+
+    def stamps_sha256(self, lo: int = 0, hi: int | None = None) -> str:
+        """Hash of the sizes and modification times of items [lo, hi): changes when an image
+        is rewritten in place under the same name."""
+        stamps = (file_stamp(Path(self.samples[i][0]))
+                  for i in range(lo, len(self) if hi is None else hi))
+        return _sha256_lines(f"{s['size']}\t{s['mtime_ns']}" for s in stamps)
+
+    def content_sha256(self) -> str:
+        """Hash of every image's bytes, in dataset order (reads the whole dataset)."""
+        return _sha256_lines(sha256_file(path) for path, _ in self.samples)
+
+    def fingerprint(self, mode: str = "stat") -> dict:
+        """What identifies these images (FINGERPRINTS): the count and file list always, plus
+        the files' stamps ("stat") or their bytes ("content")."""
+        if mode not in FINGERPRINTS:
+            raise ValueError(f"fingerprint mode {mode!r} is not one of {FINGERPRINTS}")
+        found = {"images": len(self), "files_sha256": self.files_sha256()}
+        if mode == "content":
+            return {**found, "content_sha256": self.content_sha256()}
+        return {**found, "stamps_sha256": self.stamps_sha256()}
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         return to_tensor(load_image(path, self.resolution)), label  # (3, R, R)
@@ -122,3 +158,19 @@ class ClassFolderDataset(Dataset):
         caps = ", with captions" if self.captions is not None else ""
         return (f"ClassFolderDataset({str(self.root)!r}, resolution={self.resolution}: "
                 f"{len(self)} images, {len(self.classes)} classes{caps})")
+
+
+def file_stamp(path: Path) -> dict:
+    """{size, mtime_ns} of a file, both None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _sha256_lines(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()

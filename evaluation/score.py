@@ -109,7 +109,9 @@ _NON_FINITE_CAUSE = {
            "reference (eval_fid.py mode=ref ... force=true)",
 }
 _NON_FINITE_CAUSE["recall"] = _NON_FINITE_CAUSE["precision"]
-_DISPLAY = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID"}
+# metric names as people write them ("is unavailable" would read as a verb)
+_DISPLAY = {"fid": "FID", "sfid": "sFID", "is": "Inception Score (IS)", "pr": "precision/recall",
+            "kid": "KID"}
 
 
 def require_finite_metrics(metrics: dict) -> None:
@@ -232,7 +234,7 @@ def score(images, ref: str | Path | Reference, *, metrics=METRICS, labels=None,
                                           extractor.info.has_logits, seed, kid_subset_size,
                                           extractor.device)
     for name, why in unavailable.items():
-        warnings.append(f"{name} unavailable: {why}")
+        warnings.append(f"{_DISPLAY.get(name, name)} not computed: {why}")
     for w in warnings:
         log.warning(f"warning: {w}")
     return {"metrics": values, "unavailable": unavailable,

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ar.conditioning import ClassCondition
 from sampling import noise
-from sampling.guidance import scale_at
+from sampling.guidance import scale_at, uses_cfg
 
 FLOW_SAMPLERS = ("sde", "ode")
 SDE_T_MIN = 0.04  # xAR's last SDE time before the final deterministic step
@@ -130,7 +130,7 @@ def generate_flow(model, cond: ClassCondition, image_ids: torch.Tensor, seed: in
 
     order, inputs = model.order, model.inputs
     device = cond.device
-    guided = settings.cfg_scale != 1.0
+    guided = uses_cfg(settings)
     rows = cond.with_null(model.cond.null) if guided else cond
     draw = noise_source or keyed_noise(seed, image_ids.to(device), order)
     model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it

@@ -23,12 +23,12 @@ from ar.conditioning import ClassCondition
 from common.config import ConfigError, check_fields
 from sampling import noise
 from sampling.flow import FLOW_SAMPLERS, generate_flow
-from sampling.guidance import CFG_SCHEDULES, scale_at
+from sampling.guidance import CFG_SCHEDULES, scale_at, uses_cfg
 
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 1.0  # classifier-free guidance scale; 1.0 = off (no doubled batch)
+    cfg_scale: float = 1.0  # classifier-free guidance, uncond + scale * (cond - uncond): on whenever != 1 (1 = off, no doubled batch; 0 = unconditional samples); LlamaGen's rule (> 1): sampling/guidance.py
     cfg_schedule: str = "constant"  # constant | linear | linear_full | power | cosine | half_linear: the scale over the steps (sampling/guidance.py)
     cfg_power: float = 1.0  # cfg_schedule=power: the exponent of the ramp
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only steps with lo <= step/steps < hi
@@ -68,7 +68,7 @@ def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
         return generate_flow(model, cond, image_ids, seed, settings, extend_fn, progress)
     order, inputs = model.order, model.inputs
     device = cond.device
-    guided = settings.cfg_scale != 1.0
+    guided = uses_cfg(settings)
     rows = cond.with_null(model.cond.null) if guided else cond
     extend_fn = extend_fn or extend
     keys = noise.image_keys(seed, image_ids.to(device))

@@ -16,6 +16,14 @@ the fraction of steps done before this one (0 at the first step):
 and `cfg_interval` [lo, hi] limits guidance to the steps with lo <= s < hi, the scale being 1
 (no guidance) elsewhere: guidance in a limited interval (Kynkaanniemi et al., 2024) applied to
 AR steps. The full interval [0, 1] guides every step.
+
+When guidance is on (`uses_cfg`): whenever cfg_scale != 1. The batch is then doubled with the
+null condition and each step's logits (flow: velocities) are uncond + scale * (cond - uncond),
+so a scale below 1 moves toward the unconditional prediction and 0 samples the null condition
+alone (the unconditional model). MAR guides by the same rule, and xAR and VAR double their
+batch at every step, which at scale 1 is the same as not guiding; LlamaGen's sample_c2i /
+generate guide only when cfg_scale > 1 and sample a scale below 1 unguided, which
+`reproduce.py` follows for LlamaGen checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ import math
 import torch
 
 CFG_SCHEDULES = ("constant", "linear", "linear_full", "power", "cosine", "half_linear")
+
+
+def uses_cfg(settings) -> bool:
+    """Whether a `SamplingConfig` guides: its scale is not 1 (see the module docstring)."""
+    return settings.cfg_scale != 1.0
 
 
 def schedule_value(schedule: str, frac: float, power: float = 1.0) -> float:

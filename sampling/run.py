@@ -48,8 +48,8 @@ class SampleRunConfig:
     mode: str = "grid"  # grid: one row per class | images: num_images PNGs in shards + samples.npz
     num_images: int = 50000  # images mode: how many
     labels: str = "balanced"  # images mode: balanced (image i gets class i % classes, or prompt i % prompts) | random
-    classes: Optional[List[int]] = None  # grid mode: one row per class id; None: all (at most 32)
-    prompt: Optional[str] = None  # text-to-image: one prompt (a grid row; every image in images mode); takes precedence over prompts
+    classes: Optional[List[int]] = None  # grid mode, class-conditional generators: one row per class id; None: all (at most 32)
+    prompt: Optional[str] = None  # text-to-image: one prompt (a grid row; every image in images mode); takes precedence over prompts. "" (prompt='""' in a shell) is the empty caption, the null condition: unconditional samples, logged as such
     prompts: Optional[str] = None  # text-to-image: a file of prompts, one a line, or a captions.jsonl (grid: a row each; images: image i gets prompt i % count)
     text_encoder: Optional[str] = None  # text-to-image on encoder features: the encoder folder; None: the one recorded in the weights
     per_class: int = 8  # grid mode: images per row
@@ -71,8 +71,22 @@ class SampleRunConfig:
                                 "device": ("auto", "cpu", "cuda"),
                                 "precision": PRECISIONS, "sampler": SAMPLERS})
         self.speculative.validate()
-        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+        if self.classes is not None:
+            self.check_classes()
+
+    def check_classes(self) -> None:
+        """classes= where it picks grid rows; elsewhere it would be ignored, so it is refused."""
+        if not self.classes or min(self.classes) < 0:
             raise ConfigError(f"classes={self.classes}: class ids are >= 0 (None: all classes)")
+        if self.prompt is not None or self.prompts is not None:
+            key = "prompt" if self.prompt is not None else "prompts"
+            raise ConfigError(f"classes={self.classes} and {key}= both given: class ids are the rows "
+                              f"of a class-conditional generator, prompts those of a text-to-image "
+                              f"one; give the one that fits the generator")
+        if self.mode == "images":
+            raise ConfigError(f"classes={self.classes} with mode=images: images mode draws every "
+                              f"class (labels=balanced: image i gets class i % classes, or "
+                              f"labels=random); classes= picks the rows of mode=grid: leave it out")
 
     def prompt_list(self) -> list[str] | None:
         """The prompts asked for, or None (class-conditional sampling)."""
@@ -107,7 +121,6 @@ _CODES = {"discrete": "discrete codes", "multiscale": "per-scale codes", "contin
 def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
     """A tokenizer with another codebook or grid would decode garbage: refuse it, whatever
     the user asked for (another tokenizer of the same shape is only a warning)."""
-    grid = tuple(tokenizer.grid(spec.resolution))
     problems = []
     wanted = tokenizer_kind(spec.model)
     if tokenizer.kind != wanted:
@@ -117,15 +130,29 @@ def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
                         f"{spec.latent_channels}")
     elif wanted != "continuous" and tokenizer.codebook_size != spec.vocab_size:
         problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
-    elif wanted == "multiscale" and list(tokenizer.patch_nums) != list(spec.multiscale.patch_nums):
+    scales = tokenizer.kind == wanted == "multiscale"
+    if scales and list(tokenizer.patch_nums) != list(spec.multiscale.patch_nums):
+        # the schedule fixes the grid, so this also says why the grids differ
         problems.append(f"scale schedule {list(tokenizer.patch_nums)} vs the generator's "
                         f"{list(spec.multiscale.patch_nums)}")
-    if grid != (spec.grid_h, spec.grid_w):
-        problems.append(f"{grid[0]}x{grid[1]} codes per {spec.resolution}-px image vs the "
+    elif (grid := _grid_of(tokenizer, spec.resolution)) != (spec.grid_h, spec.grid_w):
+        problems.append(f"{grid[0]:g}x{grid[1]:g} codes per {spec.resolution}-px image vs the "
                         f"generator's {spec.grid_h}x{spec.grid_w}")
     if problems:
         raise ValueError(f"tokenizer {path} does not fit generator {weights}: {'; '.join(problems)}; "
                          f"pass the tokenizer the generator was trained on (tokenizer=PATH)")
+
+
+def _grid_of(tokenizer, resolution: int) -> tuple[float, float]:
+    """The tokenizer's latent grid for images of the generator's side. Where its own geometry
+    refuses that side (a downsampling factor that does not divide it, a scale schedule ending
+    at another side), its advice is another image size, which is not the user's remedy here:
+    the latent side the images would have stands in, and the tokenizer does not fit."""
+    try:
+        return tuple(tokenizer.grid(resolution))
+    except ValueError:
+        side = resolution / tokenizer.downsample
+        return side, side
 
 
 def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -139,11 +166,20 @@ def condition_table(cfg: SampleRunConfig, model, device: torch.device, log):
     """(conditions, names): what images are drawn for, a row each. Grid mode: the prompts, or
     `classes`; images mode: the prompts, or every class."""
     prompts = cfg.prompt_list()
+    text = model.spec.text.kind
+    if text and cfg.classes is not None:
+        raise ValueError(f"classes={cfg.classes}: this generator is text-to-image, it has no "
+                         f"classes; give prompt=\"...\" or prompts=FILE instead")
     encoder = None
-    if model.spec.text.kind == "features" and prompts:
+    if text == "features" and prompts:
         encoder = text_encoder_for(model.spec, cfg.text_encoder, log)
     classes = cfg.classes if cfg.mode == "grid" else list(range(model.spec.num_classes))
-    return grid_rows(model, classes, prompts, device, encoder)
+    table = grid_rows(model, classes, prompts, device, encoder)
+    if text and "" in prompts:  # allowed: the only way to unconditional samples of a text model
+        log.warning('prompt "" is the empty caption, the null condition: these are unconditional '
+                    'samples (what the generator learned from the captions train.cond_dropout '
+                    'dropped), and guidance has no effect on them')
+    return table
 
 
 def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, log) -> None:

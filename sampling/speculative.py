@@ -35,7 +35,7 @@ from ar.conditioning import ClassCondition
 from common.config import check_fields
 from sampling import noise
 from sampling.generate import extend, generate
-from sampling.guidance import step_scales
+from sampling.guidance import step_scales, uses_cfg
 from sampling.verify import RULES, verify
 
 SAMPLERS = ("plain", *RULES)
@@ -134,7 +134,7 @@ def generate_speculative(model, cond: ClassCondition, image_ids: torch.Tensor, s
     S, N = order.num_steps, order.num_tokens
     W = min(spec.window, S)
     T = W * G
-    guided = settings.cfg_scale != 1.0
+    guided = uses_cfg(settings)
     rows = cond.with_null(model.cond.null) if guided else cond
     copies = len(rows) // B
     extend_fn = extend_fn or extend

@@ -24,6 +24,12 @@ pass's drafts with q = p.
              likely, 7 less likely), those with |p(y) - p(x)| < p_threshold and a squared L2
              distance between their input embeddings and x's below d_threshold. Rejections and
              redraws as sjd (GSD, So et al. 2025). Lossy: faster, at a small quality cost.
+             The group lies in the filtered support: a draft that top-k / top-p removed
+             (p(x) = 0) has none and is rejected, as sjd rejects it, so gsd never emits a
+             removed token. GSD's released code does not check this: there such a draft,
+             ranked beside kept tokens of small p, joins their group and can be accepted on
+             their mass. A kept draft's group is the released one (removed neighbours add q
+             mass but no p mass).
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ def grouped_mass(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, embeddi
                  ranks: int, p_threshold: float, d_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GSD's group masses (sum_G p, sum_G q), each (B, T): see the module docstring. The window
     is cut at the ends of the vocabulary (the released code's slice comes out empty, and the
-    test fails, when x is among the `ranks` least likely tokens)."""
+    test fails, when x is among the `ranks` least likely tokens); a draft outside the filtered
+    support (p(x) = 0) has an empty group, masses 0, which the test rejects."""
     V = p.shape[-1]
     ascending = torch.sort(p, dim=-1, stable=True).indices  # (B, T, V): token at each rank
     rank_of = torch.empty_like(ascending).scatter_(-1, ascending, torch.arange(V, device=p.device)
@@ -69,6 +76,7 @@ def grouped_mass(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, embeddi
     e = embeddings.float()
     distance = (e[group] - e[drafts][..., None, :]).square().sum(-1)  # (B, T, 2 ranks)
     keep = inside & ((p.gather(-1, group) - p_x).abs() < p_threshold) & (distance < d_threshold)
+    keep &= p_x > 0  # a draft the filter removed has no group (see the module docstring)
     return ((p.gather(-1, group) * keep).sum(-1), (q.gather(-1, group) * keep).sum(-1))
 
 

@@ -70,12 +70,14 @@ def model() -> ARModel:
     return tiny_model()
 
 
-def make_image_folder(root: Path, size: int, classes=("cat", "dog"), per_class: int = 4) -> Path:
-    """Class folders of random (asymmetric, so flips differ) size x size PNGs."""
+def make_image_folder(root: Path, size: int, classes=("cat", "dog"), per_class: int = 4,
+                      seed: int = 0) -> Path:
+    """Class folders of random (asymmetric, so flips differ) size x size PNGs; another seed
+    gives other images under the same names."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):

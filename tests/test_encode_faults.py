@@ -5,12 +5,9 @@ errors end in one `error:` line without a traceback."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+from faults import killed_midway
 from tokenizer import save_tokenizer
 from tokenizer.vq import VQConfig, VQModel
 
@@ -74,35 +72,18 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def kill_after_shards(cmd: list[str], out: Path, shards: int, rng: random.Random) -> bool:
-    """Start the command, wait until `shards` codes files exist, kill -9 it a random moment
-    later. Returns whether the kill interrupted it (it may finish first on a fast machine)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while len(list(out.glob("codes_*.npy"))) < shards and proc.poll() is None:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.02))
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    return proc.returncode == -signal.SIGKILL and not (out / "meta.json").exists()
-
-
 def test_kill_at_a_random_moment_then_rerun_gives_the_uninterrupted_cache(weights, tmp_path):
     data = make_folder(tmp_path / "data", per_class=SHARD_SIZE * NUM_SHARDS // 2)
     reference = tmp_path / "reference"
     encode(*command(data, weights, reference))
 
-    rng = random.Random(os.getpid())
-    for attempt in range(5):  # a kill that lands after the last shard has nothing to test
-        out = tmp_path / f"killed{attempt}"
-        if kill_after_shards(command(data, weights, out), out, rng.randint(1, NUM_SHARDS - 3), rng):
-            break
-    else:
-        pytest.fail("the encode run finished every time before it could be killed")
-
+    seed = random.randrange(1 << 30)
+    shards = random.Random(seed).randint(1, NUM_SHARDS - 3)
+    out = killed_midway(tmp_path, seed, lambda out: command(data, weights, out),
+                        lambda out: len(list(out.glob("codes_*.npy"))) >= shards,
+                        lambda out: (out / "meta.json").exists(), 0.02)
     encode(*command(data, weights, out))
-    assert files(out) == files(reference)  # same names (no temp files left) and same bytes
+    assert files(out) == files(reference), f"kill seed {seed}"  # same names (no temp files) and bytes
 
     before = stamps(out)
     again = encode(*command(data, weights, out))

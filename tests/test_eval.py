@@ -380,6 +380,9 @@ def test_stats_only_reference_marks_metrics_unavailable(extractor, tmp_path):
     assert m["fid"] > 0 and m["sfid"] is None and m["precision"] is None and m["kid"] is None
     assert set(result["unavailable"]) == {"sfid", "is", "pr", "kid"}
     assert any("no mu_s/sigma_s" in w for w in result["warnings"])
+    # each warning names its metric as a noun ("IS unavailable" read as a verb)
+    assert any(w.startswith("Inception Score (IS) not computed: ") for w in result["warnings"])
+    assert not any(w.startswith("is ") for w in result["warnings"])
     # the same number without a reference file (rFID: reconstructions vs originals)
     assert fid_between(others, images, extractor=extractor) == pytest.approx(m["fid"], rel=1e-5)
 

@@ -25,8 +25,9 @@ GPT = FIXTURES / "llamagen_gpt_c2i_tiny.pt"
 VQ = FIXTURES / "llamagen_vq_tiny.pt"
 pytestmark = pytest.mark.skipif(not GPT.is_file(), reason=f"LlamaGen fixtures not found at {FIXTURES} "
                                                           f"(they sit beside the project in shared/)")
-# the tiny GPT has an 8x8 grid; with VQ-16's downsampling that is 128 px
-GRID_ARGS = dict(image_size=128, downsample=16)
+# the tiny GPT has an 8x8 grid; with VQ-16's downsampling that is 128 px. Its size is no LlamaGen
+# size and its table of 11 rows could be 10 classes or 11: the README's 4 heads and 10 classes
+GRID_ARGS = dict(image_size=128, downsample=16, n_head=4, num_classes=10)
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +201,12 @@ def test_stored_rotary_table_is_checked_then_dropped(tmp_path, fixture_state):
 
 
 def test_cli_takes_a_bare_path_and_names_problems(tmp_path, capsys):
-    out = main(["gpt", str(GPT), f"out={tmp_path / 'g.safetensors'}", "image_size=128"])
+    tiny = ["n_head=4", "num_classes=10"]  # not a LlamaGen size (GRID_ARGS)
+    out = main(["gpt", str(GPT), f"out={tmp_path / 'g.safetensors'}", "image_size=128", *tiny])
     assert load_generator(out).spec.grid_h == 8
     vq = main(["vq", str(VQ), f"out={tmp_path / 'vq.safetensors'}"])
     with pytest.raises(SystemExit, match="predicts 256 codes but tokenizer"):
-        main(["gpt", str(GPT), f"out={tmp_path / 'x.safetensors'}", "image_size=16", f"tokenizer={vq}"])
+        main(["gpt", str(GPT), f"out={tmp_path / 'x.safetensors'}", "image_size=16", f"tokenizer={vq}",
+              *tiny])
     with pytest.raises(SystemExit, match="not found"):
         main(["vq", str(tmp_path / "nope.pt"), f"out={tmp_path / 'y.safetensors'}"])

@@ -120,6 +120,7 @@ def tiny_llamagen(tmp_path, extractor, *overrides: str) -> reproduce.ReproduceCo
     return load_config(reproduce.ReproduceConfig, [CONFIGS / "llamagen-B.yaml"], [
         f"ckpt={tmp_path / 'c2i_tiny_16.pt'}", f"tokenizer_ckpt={FIXTURES / 'llamagen_vq_tiny.pt'}",
         f"ref={ref}", f"out={tmp_path / 'run'}", f"table={tmp_path / 'results.md'}", "image_size=16",
+        "n_head=4", "num_classes=10",  # the fixture's (not a LlamaGen size; README)
         "eval_size=12", "num_images=8", "batch_size=4", "shard_size=4", "device=cpu", "nproc=1",
         "metrics=[fid,sfid,pr]", *overrides])
 
@@ -223,3 +224,29 @@ def test_end_to_end_on_tiny_var(tmp_path, extractor):
     assert np.load(out / "samples_64.npz")["arr_0"].shape == (4, 64, 64, 3)
     rows = table.read_text().splitlines()
     assert len(rows) == 3 and "VAR-d16" in rows[2] and "top-k 10, top-p 0.96" in rows[2] and "linear_full" in rows[2]
+
+
+# ----------------------------------------------------------------------------- the guidance rule
+
+@pytest.mark.parametrize("recipe, scale, sampled", [("llamagen-B", 0.5, 1.0), ("llamagen-B", 1.75, 1.75),
+                                                    ("xar-B", 0.5, 0.5), ("var-d16", 0.5, 0.5)])
+def test_each_family_is_guided_as_its_release_guides(monkeypatch, tmp_path, recipe, scale, sampled):
+    """LlamaGen's sample_c2i/generate double the batch only when cfg_scale > 1: below 1 it
+    samples unguided (argen's cfg_scale=1), where argen, xAR and VAR guide toward the null class."""
+    sampling = {}
+
+    def stop(cfg, *args):
+        sampling.update(cfg=cfg)
+        raise InterruptedError
+
+    monkeypatch.setattr(reproduce, "load_reference", lambda path: None)
+    monkeypatch.setattr(reproduce, "resolve_weights", lambda path: None)
+    monkeypatch.setattr(reproduce, "convert_release", lambda cfg, folder: (folder / "g", folder / "t"))
+    monkeypatch.setattr(reproduce, "run_sampling", stop)
+    cfg = load_config(reproduce.ReproduceConfig, [CONFIGS / f"{recipe}.yaml"],
+                      REQUIRED + [f"sampling.cfg_scale={scale}", f"out={tmp_path}"])
+    with pytest.raises(InterruptedError):
+        reproduce.main(cfg)
+    assert sampling["cfg"].sampling.cfg_scale == sampled
+    overrides = reproduce.sample_overrides(sampling["cfg"], tmp_path / "g", tmp_path / "s")
+    assert f"sampling.cfg_scale={sampled}" in overrides

@@ -128,3 +128,21 @@ def test_speculative_samplers_write_grids_npz_and_their_cost(weights, tmp_path, 
     assert settings["sampler"] == sampler  # another sampler in this folder is refused
     proc = run_sample(weights, f"out={tmp_path / 'one'}", "mode=images", "num_images=10", check=False)
     assert proc.returncode != 0 and "sampler" in proc.stderr
+
+
+def test_guidance_is_on_whenever_the_scale_is_not_one():
+    """argen's rule (sampling/guidance.py): the rows are guided whenever cfg_scale != 1, so a
+    scale below 1 moves toward the unconditional prediction and 0 samples the null class alone
+    (LlamaGen's own code guides only above 1; reproduce.py follows it for its checkpoints)."""
+    from ar.conditioning import ClassCondition
+    from conftest import tiny_model
+    from sampling.generate import SamplingConfig, generate
+    from sampling.guidance import uses_cfg
+
+    model, ids = tiny_model(), torch.arange(3)
+    greedy = [SamplingConfig(temperature=0.0, cfg_scale=scale) for scale in (0.0, 1.0, 4.0)]
+    assert [uses_cfg(s) for s in greedy] == [True, False, True]
+    null = generate(model, ClassCondition(torch.full((3,), model.cond.null)), ids, 0, greedy[1])
+    classes = ClassCondition(torch.tensor([0, 1, 2]))
+    assert torch.equal(generate(model, classes, ids, 0, greedy[0]), null)
+    assert not torch.equal(generate(model, classes, ids, 0, greedy[2]), null)

@@ -187,3 +187,49 @@ def test_captions_must_be_a_list(encoders):
         enc.features("a red star", max_tokens=8)
     with pytest.raises(TypeError, match="caption 1 is None"):
         enc.features(["a red star", None], max_tokens=8)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path, folders):
+    broken = tmp_path / "truncated"
+    shutil.copytree(folders["t5", False], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f"{broken / 'model.safetensors'}: not a readable "
+                                         f"safetensors file, truncated or corrupt"):
+        load_text_encoder(broken)
+
+
+def test_encode_checks_the_text_inputs_before_encoding_any_image(tmp_path, folders):
+    """A bad encoder folder, or a dataset without captions, is named before the images are
+    encoded (no shard written), not after."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, make_image_folder
+    from tokenizer import save_tokenizer
+    from tokenizer.vq import VQConfig, VQModel
+
+    cfg = VQConfig(codebook_size=32, codebook_dim=4, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1,
+                   z_channels=8)
+    vq = save_tokenizer(VQModel(cfg), cfg, tmp_path / "vq.safetensors")
+    data = make_image_folder(tmp_path / "data", 16)
+    no_captions = [f"data.root={data}", "data.resolution=16", f"tokenizer={vq}", "num_workers=0"]
+    lines = [json.dumps({"file": f"{c}/{i}.png", "caption": f"a {c}"})
+             for c in ("cat", "dog") for i in range(4)]
+    captioned = tmp_path / "captioned"
+    shutil.copytree(data, captioned)
+    (captioned / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    broken = tmp_path / "broken_t5"
+    shutil.copytree(folders["t5", False], broken)
+    (broken / "model.safetensors").write_bytes(b"")
+    cases = [(no_captions + ["text.kind=bpe"], "has no captions.jsonl"),
+             ([f"data.root={captioned}", *no_captions[1:], "text.kind=encoder",
+               f"text.encoder={tmp_path / 'nowhere'}"], "nowhere does not exist"),
+             ([f"data.root={captioned}", *no_captions[1:], "text.kind=encoder",
+               f"text.encoder={broken}"], "model.safetensors: not a readable safetensors file")]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"codes{i}"
+        proc = subprocess.run([sys.executable, "-m", "tokenizer.encode", *args, f"out={out}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and message in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+        assert not list(out.glob("codes_*.npy")), "images were encoded before the check"

@@ -121,3 +121,14 @@ def test_weights_round_trip_strictly(tmp_path):
         load_state_strict(model, tensors, "w.safetensors")
     with pytest.raises(ValueError, match="expected argen 'tokenizer' weights"):
         read_weights(path, "tokenizer")
+
+
+def test_grid_classes_the_model_lacks_are_refused_before_training(tmp_path):
+    """The grid is drawn at the end of the run: a class id it lacks must not wait for it."""
+    codes = make_code_cache(tmp_path / "codes", n=12, classes=3)
+    proc = subprocess.run(train_cmd(tmp_path / "run", codes, "grid.classes=[0,3]"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "grid.classes=[0, 3]: no class 3; this generator has 3 classes" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()

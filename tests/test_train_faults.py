@@ -2,37 +2,18 @@
 bad settings and a full disk. Each must lose nothing and leave existing outputs intact."""
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
-import torch
 
-from common.io import read_weights
 from conftest import make_code_cache
+from faults import KILLED, assert_same_weights, kill_when, latest_step, snapshot
 from test_train import ROOT, run_train, train_cmd
 
 STEPS = ["train.max_steps=40", "train.ckpt_every=6", "train.log_every=4", "train.keep_ckpts=2",
          "model.resid_dropout=0.1"]  # ckpt_every not a multiple of log_every; dropout: RNG matters
-
-
-def snapshot(folder):
-    """{relative path: (bytes, mtime_ns)} of every file under `folder`."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_same_weights(a, b):
-    """Bit-identical tensors and metadata; the run config may differ only in out_dir."""
-    (ta, ca, ma), (tb, cb, mb) = read_weights(a, "generator"), read_weights(b, "generator")
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    strip = lambda meta: [line for line in meta.pop("run_config").splitlines()  # noqa: E731
-                          if not line.startswith("out_dir:")]
-    assert strip(ma) == strip(mb) and ma == mb and ca == cb
 
 
 def run_fails(out, codes, *overrides):
@@ -58,17 +39,10 @@ def reference(tmp_path_factory, codes):
 
 def kill_after_checkpoint(out, codes, min_step, rng):
     """Start training and kill -9 it at a random moment after checkpoint `min_step` exists."""
-    proc = subprocess.Popen(train_cmd(out, codes, *STEPS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest, deadline = out / "checkpoints" / "LATEST", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and int(latest.read_text().strip().split("_")[-1]) >= min_step:
-            break
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.1))  # anywhere after it: mid-step, mid-log or mid-checkpoint
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
-    assert latest.is_file(), "no checkpoint before the kill"
+    status = kill_when(train_cmd(out, codes, *STEPS), lambda: latest_step(out) >= min_step, rng,
+                       0.1)  # anywhere after it: mid-step, mid-log or mid-checkpoint
+    assert status == KILLED, f"the run ended before the kill (exit status {status})"
+    assert latest_step(out) >= min_step, "no checkpoint before the kill"
 
 
 def test_killed_twice_then_resumed_gives_the_uninterrupted_run_exactly(tmp_path, codes, reference):

@@ -177,7 +177,7 @@ def test_cli_and_bad_checkpoints(tmp_path, vqvae):
         main(["gpt", str(VQVAE)])
     llamagen = FIXTURES / "llamagen_vq_tiny.pt"
     if llamagen.is_file():
-        with pytest.raises(SystemExit, match=r"not VAR's raw state dict.*LlamaGen VQ.*convert.llamagen vq"):
+        with pytest.raises(SystemExit, match=r"not a VAR VQVAE state dict.*LlamaGen VQ.*convert.llamagen vq"):
             main(["vqvae", str(llamagen), str(tmp_path / "c.safetensors")])
     state = torch.load(VQVAE, weights_only=True)
     torch.save(dict(state, **{"encoder.down.0.block.0.extra.weight": torch.zeros(1)}), tmp_path / "x.pth")

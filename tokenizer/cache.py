@@ -3,7 +3,9 @@
 `tokenizer.encode` writes a cache; `ar.data.CodeCache` (discrete codes), `ar.data.ScaleCodeCache`
 (per-scale codes) and `ar.data.LatentCache` (continuous latents) read one through `read_meta`.
 Layout of a cache folder:
-    meta.json            written last, so its presence means the cache is complete; "kind" is
+    meta.json            written last, so its presence means the cache is complete; its
+                         "fingerprint" hashes every shard's data and labels (what a training
+                         run records, to refuse a resume on other data); "kind" is
                          "discrete" (codebook_size), "multiscale" (codebook_size, scales: the
                          side of each scale's code map, coarse to fine) or "continuous"
                          (channels, latent_scale, latent_shift: the generator sees
@@ -16,7 +18,9 @@ Layout of a cache folder:
                          then log-variance (C, unclamped), for the image and its flip
     labels_KKKKK.npy     int64 (n,)
     shard_KKKKK.json     what shard k was made from: the settings, the sha256 of its file list
-                         (label + path relative to data.root, in dataset order), skipped files
+                         (label + path relative to data.root, in dataset order) and of the
+                         files' sizes and modification times, skipped files, and the sha256 of
+                         the data and labels it holds
     captions.jsonl       {"index": i, "caption": ...} per cached image, if the dataset has captions
 """
 
@@ -25,15 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_save_npy, atomic_write_text
-from dataset.folder import ClassFolderDataset
+from common.io import atomic_save_npy, atomic_write_text, make_folder
+from dataset.folder import ClassFolderDataset, file_stamp
 
 FORMAT, VERSION = "argen-code-cache", 1
 VARIANTS = ["original", "hflip"]
@@ -55,26 +58,26 @@ def record_name(k: int) -> str:
 
 @dataclass(frozen=True)
 class Span:
-    """Shard k: dataset items [lo, hi), identified by the sha256 of their (label, file) list."""
+    """Shard k: dataset items [lo, hi), identified by the sha256 of their (label, file) list
+    and of their files' sizes and modification times (an image rewritten under its name)."""
 
     k: int
     lo: int
     hi: int
     files_sha256: str
+    stamps_sha256: str
 
 
 def relative_names(dataset: ClassFolderDataset) -> list[str]:
     """Each image's path relative to the dataset root, '/'-separated (what meta.json lists)."""
-    return [os.path.relpath(p, dataset.root).replace(os.sep, "/") for p, _ in dataset.samples]
+    return [dataset.relative_name(i) for i in range(len(dataset))]
 
 
-def plan_shards(dataset: ClassFolderDataset, names: list[str], shard_size: int) -> list[Span]:
-    # Labels are in the hash because adding a class folder renumbers the labels of unchanged files.
+def plan_shards(dataset: ClassFolderDataset, shard_size: int) -> list[Span]:
     spans = []
-    for k in range(math.ceil(len(names) / shard_size)):
-        lo, hi = k * shard_size, min(len(names), (k + 1) * shard_size)
-        text = "".join(f"{dataset.samples[i][1]}\t{names[i]}\n" for i in range(lo, hi))
-        spans.append(Span(k, lo, hi, hashlib.sha256(text.encode()).hexdigest()))
+    for k in range(math.ceil(len(dataset) / shard_size)):
+        lo, hi = k * shard_size, min(len(dataset), (k + 1) * shard_size)
+        spans.append(Span(k, lo, hi, dataset.files_sha256(lo, hi), dataset.stamps_sha256(lo, hi)))
     return spans
 
 
@@ -86,12 +89,30 @@ def read_record(out: Path, k: int) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def file_stamp(path: Path) -> dict:
+def open_array(path: Path, mmap: bool = True) -> np.ndarray:
+    """np.load (memory-mapped by default), naming a truncated or corrupt file and the encode
+    run that repairs it (a re-run re-checks every file it made and redoes the broken ones)."""
     try:
-        st = path.stat()
-    except OSError:
-        return {"size": None, "mtime_ns": None}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is truncated or corrupt ({reason}); re-run the encode command "
+                         f"that made the cache (`{ENCODE_COMMAND}`): it re-checks its files and "
+                         f"redoes the broken ones") from None
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Hash of an array's dtype, shape and values: what a shard holds, whatever file it is in."""
+    h = hashlib.sha256(f"{array.dtype.str}{tuple(array.shape)}".encode())
+    h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()
+
+
+def cache_fingerprint(shard_hashes: list[dict]) -> str:
+    """One hash of every shard's data and labels, in shard order: the identity of what a
+    generator trains on (train_gen.py records it and refuses to resume on another)."""
+    text = "".join(f"{h['data']}\t{h['labels']}\n" for h in shard_hashes)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _skipped_unchanged(root: Path, skipped: list[dict]) -> bool:
@@ -114,7 +135,8 @@ def shard_done(out: Path, span: Span, settings: dict, item_shape: tuple, root: P
     `item_shape`: one variant of one image, (h*w,) codes or (2C, h, w) moments."""
     record = read_record(out, span.k)
     if record is None or record.get("settings") != settings \
-            or record.get("files_sha256") != span.files_sha256:
+            or record.get("files_sha256") != span.files_sha256 \
+            or record.get("stamps_sha256", span.stamps_sha256) != span.stamps_sha256:
         return False
     skipped = record.get("skipped", [])
     # a run without skip_bad_images redoes a shard with skipped files, and so names them
@@ -136,7 +158,8 @@ def write_shard(out: Path, span: Span, settings: dict, codes: np.ndarray, labels
     (out / data).unlink(missing_ok=True)
     atomic_save_npy(out / labels_file, labels)
     record = {"settings": settings, "files": span.hi - span.lo, "files_sha256": span.files_sha256,
-              "count": len(labels), "skipped": skipped}
+              "stamps_sha256": span.stamps_sha256, "count": len(labels), "skipped": skipped,
+              "sha256": {"data": array_sha256(codes), "labels": array_sha256(labels)}}
     atomic_write_text(out / record_name(span.k), json.dumps(record, indent=1) + "\n")
     atomic_save_npy(out / data, codes)
 
@@ -175,7 +198,7 @@ def check_settings(out: Path, settings: dict, is_main: bool) -> bool:
                              f"({detail}). Use a new out= folder, or delete {out} to rebuild it.")
     if not is_main:
         return False
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     # also drops keys older versions kept ("count"); a no-op when the file is identical
     return atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
@@ -194,7 +217,8 @@ def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: 
         raise ValueError(f"none of the {len(names)} images of data.root={root} could be "
                          f"read (all skipped, listed in {out}/shard_*.json); check the dataset")
     shards = [{DATA_FILE[kind]: shard_name(s.k, kind)[0], "labels": shard_name(s.k)[1],
-               "count": r["count"]} for s, r in zip(spans, records)]
+               "count": r["count"], "sha256": r.get("sha256") or _hash_shard(out, s.k, kind)}
+              for s, r in zip(spans, records)]
     captions = None
     if dataset.captions is not None:
         gone = set(skipped)
@@ -202,6 +226,13 @@ def build_meta(out: Path, dataset: ClassFolderDataset, names: list[str], spans: 
     meta = make_meta(tok, resolution, grid, facts, labels, list(dataset.classes), shards,
                      captions is not None, str(Path(root).resolve()), skipped)
     return meta, captions
+
+
+def _hash_shard(out: Path, k: int, kind: str) -> dict:
+    """The hashes of a shard written before records kept them."""
+    data, labels = shard_name(k, kind)
+    return {"data": array_sha256(np.load(out / data, mmap_mode="r")),
+            "labels": array_sha256(np.load(out / labels))}
 
 
 def make_meta(tok: dict, resolution: int, grid, facts: dict, labels: np.ndarray,
@@ -218,7 +249,9 @@ def make_meta(tok: dict, resolution: int, grid, facts: dict, labels: np.ndarray,
             "class_names": class_names,
             "label_histogram": np.bincount(labels, minlength=len(class_names)).tolist(),
             "shards": shards, "captions": "captions.jsonl" if has_captions else None,
-            "source": source, "skipped": skipped}
+            "source": source, "skipped": skipped,
+            **({"fingerprint": cache_fingerprint([s["sha256"] for s in shards])}
+               if all("sha256" in s for s in shards) else {})}
 
 
 def write_meta(out: Path, meta: dict, captions: list[str] | None) -> bool:

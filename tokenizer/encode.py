@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 from common.config import ConfigError, check_fields, run_cli
 from common.dist import barrier, cleanup, get_logger, init_distributed
-from dataset.folder import ClassFolderDataset
+from dataset.folder import ClassFolderDataset, file_stamp
 from dataset.images import ImageReadError
 from tokenizer import load_tokenizer, read_tokenizer_config, tokenizer_sha256
-from tokenizer.cache import (VARIANTS, Span, build_meta, check_settings, file_stamp, plan_shards,
-                             relative_names, shard_done, stale_files, write_meta, write_shard)
+from tokenizer.cache import (VARIANTS, Span, build_meta, check_settings, plan_shards, relative_names,
+                             shard_done, stale_files, write_meta, write_shard)
 from tokenizer.text_cache import TextCacheConfig, write_text_cache
 
 
@@ -216,12 +216,13 @@ def run(cfg: EncodeConfig) -> dict:
     dataset = ClassFolderDataset(root, cfg.data.resolution)
     names = relative_names(dataset)
     model = load_cache_tokenizer(weights, info.device)
+    text_encoder = check_text_inputs(cfg, dataset, info)  # before any image is encoded
     grid = model.grid(cfg.data.resolution)
     layout = item_layout(model, grid)
     # the settings that change every code; which files a shard holds is checked shard by shard
     settings = {"tokenizer_sha256": tokenizer_sha256(weights), "data_root": str(root.resolve()),
                 "resolution": cfg.data.resolution, "shard_size": cfg.shard_size}
-    spans = plan_shards(dataset, names, cfg.shard_size)
+    spans = plan_shards(dataset, cfg.shard_size)
     changed = prepare_folder(out, spans, settings, info.is_main)
     barrier()
 
@@ -244,10 +245,28 @@ def run(cfg: EncodeConfig) -> dict:
         meta = finish(out, dataset, names, spans, cfg, tok, grid, model, done,
                       nothing_done=not todo and not changed, log=log)
         if cfg.text.kind != "none":
-            meta = {**meta, "text": write_text_cache(out, cfg.text, info.device, log)}
+            meta = {**meta, "text": write_text_cache(out, cfg.text, info.device, log, text_encoder)}
     barrier()
     cleanup()
     return meta
+
+
+def check_text_inputs(cfg: EncodeConfig, dataset: ClassFolderDataset, info):
+    """With text.kind set: the dataset's captions and (text.kind=encoder) the encoder folder,
+    loaded now (on the main process, which writes the caption cache) so that a bad folder is
+    named before the images are encoded. Returns the loaded encoder, or None."""
+    if cfg.text.kind == "none":
+        return None
+    if dataset.captions is None:
+        raise ValueError(f"text.kind={cfg.text.kind}: data.root={cfg.data.root} has no "
+                         f"captions.jsonl, and a text model needs one caption per image. Put a "
+                         f"captions.jsonl ({{\"file\", \"caption\"}} per image) in the dataset "
+                         f"root (`python -m dataset.shapes` writes one), or leave text.kind unset")
+    if cfg.text.kind != "encoder" or not info.is_main:
+        return None
+    from tokenizer.text_encoder import load_text_encoder
+
+    return load_text_encoder(cfg.text.encoder, device=info.device)
 
 
 def tokenizer_identity(weights: Path, sha: str) -> dict:

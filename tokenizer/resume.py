@@ -23,10 +23,22 @@ FAMILY_KEYS = {"vq": ("codebook_weight", "restart_dead"), "kl": ("kl_weight",),
                "msvq": ("codebook_weight", "restart_dead")}
 
 
+# what a difference in the recorded images means, for the refusal's message
+IDENTITY_MEANINGS = {
+    "data.files_sha256": "other image files: another dataset, or files added, removed or renamed",
+    "data.stamps_sha256": "the images have other sizes or modification times: rewritten or "
+                          "replaced since the run started (cp -p and rsync -t keep the times of "
+                          "a copied folder)",
+    "data.content_sha256": "the images' bytes differ",
+    "data.fingerprint": "pass the data.fingerprint= the run started with",
+}
+
+
 def run_identity(cfg, dataset) -> dict:
-    """The training images and the settings that define the run, stored in the checkpoint."""
-    return {"data": {"images": len(dataset), "classes": list(dataset.classes),
-                     "resolution": cfg.data.resolution},
+    """The training images (a fingerprint of data.root's files, data.fingerprint) and the
+    settings that define the run, stored in the checkpoint."""
+    return {"data": {"classes": list(dataset.classes), "resolution": cfg.data.resolution,
+                     "fingerprint": cfg.data.fingerprint, **dataset.fingerprint(cfg.data.fingerprint)},
             "model": dataclasses.asdict(cfg.model),
             "train": {k: getattr(cfg.train, k)
                       for k in RESUME_KEYS + FAMILY_KEYS.get(cfg.model.name, ())}}
@@ -36,7 +48,7 @@ def check_identity(path, stored: dict | None, identity: dict) -> None:
     """Refuse to resume a checkpoint made with other images or settings, naming each one."""
     if stored is None:  # written before identities were stored
         return
-    diffs = recorded_differences(stored, identity)
+    diffs = recorded_differences(stored, identity, IDENTITY_MEANINGS)
     if diffs:
         raise ValueError(f"{path} was made with other images or settings than this run "
                          f"({'; '.join(diffs)}). To start a new run, choose another out_dir= (or "

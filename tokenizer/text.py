@@ -97,5 +97,6 @@ def left_pad(rows: list[list[int]], length: int) -> np.ndarray:
 
 
 def describe_caption(text: str, limit: int = 80) -> str:
-    """A caption for an error message: quoted, cut to `limit` characters."""
-    return json.dumps(text if len(text) <= limit else text[:limit] + "...")
+    """A caption for an error message: quoted, cut to `limit` characters, its characters as
+    written (json.dumps' default would print "étoile" as "\\u00e9toile")."""
+    return json.dumps(text if len(text) <= limit else text[:limit] + "...", ensure_ascii=False)

@@ -20,18 +20,21 @@ at sampling time are not cut: a prompt longer than the model's T is an error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.config import ConfigError, check_fields
-from common.io import atomic_save_npy, atomic_write_text, sha256_file
+from common.io import atomic_save_npy, atomic_write_text, make_folder, sha256_file
 from tokenizer.text import left_pad, train_caption_tokenizer
 
 TEXT_DIR = "text"
 TEXT_KINDS = ("none", "byte", "bpe", "encoder")
 FEATURE_TOKENS_CAP = 120  # LlamaGen t2i's T5 length: the default cap for encoder features
+REMAKE = ("run the encode command that made the cache again, with its text.kind= (and "
+          "text.encoder=): it re-checks the caption files and remakes them; the image codes are kept")
 
 
 @dataclass
@@ -65,6 +68,20 @@ def read_captions(out: Path) -> list[str]:
     return [json.loads(line)["caption"] for line in path.read_text().splitlines() if line.strip()]
 
 
+# the temporary files of our atomic writes into OUT/text/ (common.io.atomic_path's names)
+_OUR_TEMP = re.compile(r"^\.(?:tokens|features|lengths|null)\.npy\..+\.tmp$|"
+                       r"^\.(?:tokenizer|meta)\.json\..+\.tmp$")
+
+
+def _remove_torn_writes(folder: Path, log) -> None:
+    """Temp files a killed write left (the files themselves are re-checked, and remade)."""
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if _OUR_TEMP.match(path.name):
+            path.unlink(missing_ok=True)
+            if log:
+                log.info(f"removed {path}, left by an interrupted write")
+
+
 def _settings(cfg: TextCacheConfig) -> dict:
     keep = {"kind": cfg.kind, "max_tokens": cfg.max_tokens}
     if cfg.kind == "bpe":
@@ -80,22 +97,30 @@ def _cut(rows: list[list[int]], length: int) -> tuple[list[list[int]], int]:
     return [r[:length] for r in rows], cut
 
 
-def write_text_cache(out: str | Path, cfg: TextCacheConfig, device="cpu", log=None) -> dict:
+def write_text_cache(out: str | Path, cfg: TextCacheConfig, device="cpu", log=None,
+                     encoder=None) -> dict:
     """Write OUT/text/ for the cache's captions (a no-op when it is already made from the same
-    captions and settings); returns its meta.json."""
+    captions and settings and its files are whole); returns its meta.json. `encoder`: the
+    text.kind=encoder model, already loaded (else it is loaded from text.encoder here)."""
     out = Path(out)
     captions = read_captions(out)
     folder = out / TEXT_DIR
+    _remove_torn_writes(folder, log)
     settings, sha = _settings(cfg), captions_sha256(out)
     old = read_text_meta(out, required=False)
-    if old is not None and old["settings"] == settings and old["captions_sha256"] == sha:
+    if old is not None and old.get("settings") == settings and old.get("captions_sha256") == sha:
+        broken = text_files_problem(folder, old)
+        if broken is None:
+            if log:
+                log.info(f"caption cache {folder} already complete ({old['count']} captions); "
+                         f"nothing to do")
+            return old
         if log:
-            log.info(f"caption cache {folder} already complete ({old['count']} captions); nothing to do")
-        return old
-    folder.mkdir(parents=True, exist_ok=True)
+            log.warning(f"caption cache {folder}: {broken}; remaking it")
+    make_folder(folder)
     (folder / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
     if cfg.kind == "encoder":
-        facts = _write_features(folder, captions, cfg, device, log)
+        facts = _write_features(folder, captions, cfg, device, encoder)
     else:
         facts = _write_tokens(folder, captions, cfg)
     meta = {"settings": settings, "captions_sha256": sha, "count": len(captions), **facts}
@@ -124,10 +149,12 @@ def _write_tokens(folder: Path, captions: list[str], cfg: TextCacheConfig) -> di
                           "file": "tokenizer.json" if tok.kind == "bpe" else None}}
 
 
-def _write_features(folder: Path, captions: list[str], cfg: TextCacheConfig, device, log) -> dict:
-    from tokenizer.text_encoder import load_text_encoder
+def _write_features(folder: Path, captions: list[str], cfg: TextCacheConfig, device,
+                    encoder=None) -> dict:
+    if encoder is None:
+        from tokenizer.text_encoder import load_text_encoder
 
-    encoder = load_text_encoder(cfg.encoder, device=device)
+        encoder = load_text_encoder(cfg.encoder, device=device)
     counts = encoder.count_tokens(captions)
     length = cfg.max_tokens or min(max(counts), FEATURE_TOKENS_CAP)
     features, lengths = encoder.features(captions, length, batch_size=cfg.batch_size,
@@ -138,6 +165,31 @@ def _write_features(folder: Path, captions: list[str], cfg: TextCacheConfig, dev
     atomic_save_npy(folder / "null.npy", null[0])
     return {"kind": "features", "max_tokens": length, "truncated": sum(c > length for c in counts),
             "channels": encoder.channels, "encoder": encoder.identity()}
+
+
+def text_files_problem(folder: Path, meta: dict) -> str | None:
+    """What is wrong with the caption cache's files (missing, truncated, another shape than
+    meta.json says), or None when every file is whole."""
+    count, length = meta.get("count"), meta.get("max_tokens")
+    row = (length,) if meta.get("kind") == "tokens" else (length, meta.get("channels"))
+    dtype = np.int32 if meta.get("kind") == "tokens" else np.float16
+    wanted = {"tokens.npy" if meta.get("kind") == "tokens" else "features.npy": (count, *row),
+              "lengths.npy": (count,), "null.npy": row}
+    for name, shape in wanted.items():
+        try:
+            array = np.load(folder / name, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            return f"{folder / name} is missing, truncated or corrupt ({str(e).splitlines()[0]})"
+        if array.shape != shape or (name != "lengths.npy" and array.dtype != dtype):
+            return (f"{folder / name} holds {array.dtype} {array.shape}, not {np.dtype(dtype)} "
+                    f"{shape} as its meta.json says")
+    file = (meta.get("tokenizer") or {}).get("file")
+    if file:
+        try:
+            json.loads((folder / file).read_text())
+        except (OSError, ValueError) as e:
+            return f"{folder / file} is missing, truncated or corrupt ({str(e).splitlines()[0]})"
+    return None
 
 
 def read_text_meta(out: str | Path, required: bool = True) -> dict | None:
@@ -151,7 +203,14 @@ def read_text_meta(out: str | Path, required: bool = True) -> dict | None:
         raise ValueError(f"{out} has no caption cache ({path} missing): a text model trains on "
                          f"caption tokens or features. Encode with text.kind=bpe (or byte, or "
                          f"encoder with text.encoder=FOLDER) to add them; the image codes are kept")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if not required:  # the encode run remakes it
+            return None
+        raise ValueError(f"{path} is corrupt ({e}); {REMAKE}") from None
     if required and (out / "captions.jsonl").is_file() and captions_sha256(out) != meta["captions_sha256"]:
         raise ValueError(f"{path} was made from other captions than {out}/captions.jsonl holds "
                          f"now; run the encode command again to remake it")

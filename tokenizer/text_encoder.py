@@ -220,6 +220,22 @@ def weight_files(folder: Path) -> list[Path]:
                             f"found {present[:12]}; copy the model's weights into the folder")
 
 
+def _check_readable(files: list[Path]) -> None:
+    """Each safetensors weight file's header and extent (a truncated copy fails here, named,
+    rather than inside transformers with no file name)."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError is no OSError/ValueError subclass
+            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                             f"({e}); copy the model folder again") from None
+
+
 def _tokenizer_files(folder: Path) -> list[Path]:
     return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
 
@@ -317,7 +333,7 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu",
                           "transformers sentencepiece")
     folder = _check_folder(path)
     model_type = _read_model_type(folder)
-    weight_files(folder)  # a named error before transformers' own
+    _check_readable(weight_files(folder))  # named errors before transformers' own
     tokenizer = _load_tokenizer(folder)
     model = _load_model(folder, model_type, dtype)
     config = model.config

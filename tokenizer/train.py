@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from common.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
 from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
-from common.io import atomic_write_text
-from dataset.folder import ClassFolderDataset
+from common.io import atomic_write_text, make_folder
+from dataset.folder import FINGERPRINTS, ClassFolderDataset
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.batches import batches, load_all
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
@@ -57,9 +57,10 @@ class DataConfig:
     resolution: int = 256  # training images are center-cropped to this side
     eval_root: str = ""  # images for the final PSNR/usage and grid; empty: use data.root
     in_memory: bool = False  # decode every image once into RAM (small datasets: much faster on CPU)
+    fingerprint: str = "stat"  # what a resume checks the images by: stat (names, sizes, modification times) | content (every file's bytes; reads the dataset)
 
     def validate(self) -> None:
-        check_fields(self, "data.", {"resolution": ">= 1"})
+        check_fields(self, "data.", {"resolution": ">= 1", "fingerprint": FINGERPRINTS})
 
 
 @dataclass
@@ -258,7 +259,7 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     raw, disc, opt, opt_d, start = build(cfg, info, log, identity)  # refuses other settings
     log.info(f"{dataset}; {cfg.model.name} tokenizer grid {raw.grid(cfg.data.resolution)}")
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     if start >= t.steps and (out / "summary.json").is_file() and weights_path(cfg).is_file():
         log.info(f"{out} already holds the finished run; nothing to do")
