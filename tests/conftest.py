@@ -114,3 +114,18 @@ def make_code_cache(path: Path, n: int = 48, grid: int = 4, vocab: int = 32, cla
                      shards, False, str(path), [])
     (path / "meta.json").write_text(json.dumps(meta))
     return path
+
+
+def tiny_kl(folder: Path) -> Path:
+    """A random KL tokenizer saved as FOLDER/kl.safetensors: 16-px images -> 4x4 latents of 4
+    channels (the flow tests' tokenizer)."""
+    from tokenizer import save_tokenizer
+    from tokenizer.kl import KLConfig, KLModel
+
+    cfg = KLConfig(block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
+                   encoder_attention=[], latent_scale=0.5)
+    torch.manual_seed(0)
+    model = KLModel(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return save_tokenizer(model, cfg, folder / "kl.safetensors")

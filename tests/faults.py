@@ -24,6 +24,18 @@ from conftest import ROOT
 KILLED = -signal.SIGKILL  # the exit status of a process that kill -9 ended
 
 
+def mounted_tmpfs(folder: Path, options: str, what: str):
+    """Mount a tmpfs with `options` (e.g. "size=4m", "ro,size=1m") on FOLDER for a fixture to
+    yield; skips the test where mounting is not allowed (needs root)."""
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount {what} here (needs root): {proc.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
 def run(cmd: list) -> str:
     """Run a command to its end; what it said."""
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -9,14 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ar.checkpoint import load_generator
-from conftest import ROOT, make_code_cache, make_image_folder
+from conftest import ROOT, make_code_cache, make_image_folder, tiny_kl
 from tokenizer import save_tokenizer
 from tokenizer.encode import main as encode
-from tokenizer.kl import KLConfig, KLModel
 from tokenizer.vq import VQConfig, VQModel
 
 FLOW = ["model.size=debug", "model.head=flow", "model.order=cell", "model.cell=2", "model.cond_tokens=0",
@@ -42,13 +40,7 @@ def latents(tmp_path_factory):
     2 classes x 4 random images."""
     root = tmp_path_factory.mktemp("flow")
     make_image_folder(root / "data", 16)
-    cfg = KLConfig(block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
-                   encoder_attention=[], latent_scale=0.5)
-    torch.manual_seed(0)
-    model = KLModel(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    kl = save_tokenizer(model, cfg, root / "kl.safetensors")
+    kl = tiny_kl(root)
     encode([f"data.root={root / 'data'}", "data.resolution=16", f"tokenizer={kl}",
             f"out={root / 'latents'}", "num_workers=0"])
     return root

@@ -23,16 +23,13 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, tiny_kl
 from faults import (assert_same_weights, killed_midway, latest_step, rerun_changes_nothing, run,
                     run_in_process, stamps, tree)
 from test_next_scale import tiny_msvq
 from test_text import _tiny_vq
 from test_train import run_train, train_cmd
-from tokenizer import save_tokenizer
-from tokenizer.kl import KLConfig, KLModel
 
 NUM_IMAGES, SHARD, NUM_SAMPLES = 16, 2, 16  # 8 encode shards, 8 sample shards
 STEPS = ["train.max_steps=12", "train.ckpt_every=3", "train.keep_ckpts=2", "model.resid_dropout=0.1",
@@ -40,17 +37,6 @@ STEPS = ["train.max_steps=12", "train.ckpt_every=3", "train.keep_ckpts=2", "mode
 FLOW = ["model.head=flow", "model.order=cell", "model.cell=2", "model.cond_tokens=0",
         "model.backbone.adaln=true", "model.pos_embed=learned", "grid.sampling.flow_steps=2"]
 SPEED = ("samples_per_s", "tokens_per_s")  # the only logged values a resumed run may change
-
-
-def tiny_kl(folder: Path) -> Path:
-    """A random KL tokenizer: 16-px images -> 4x4 latents of 4 channels (test_flow_pipeline's)."""
-    cfg = KLConfig(block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
-                   encoder_attention=[], latent_scale=0.5)
-    torch.manual_seed(0)
-    model = KLModel(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return save_tokenizer(model, cfg, folder / "kl.safetensors")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import make_code_cache
-from faults import KILLED, assert_same_weights, kill_when, latest_step, snapshot
+from faults import KILLED, assert_same_weights, kill_when, latest_step, mounted_tmpfs, snapshot
 from test_train import ROOT, run_train, train_cmd
 
 STEPS = ["train.max_steps=40", "train.ckpt_every=6", "train.log_every=4", "train.keep_ckpts=2",
@@ -115,14 +115,7 @@ def test_missing_code_cache_is_named_by_key(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB file system (tmpfs): room for one checkpoint with its exported weights, not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "disk", "size=4m", "a small tmpfs")
 
 
 def test_full_disk_is_reported_cleanly_and_the_run_resumes_after_space_is_freed(small_disk, codes,

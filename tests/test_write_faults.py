@@ -11,20 +11,14 @@ import pytest
 from common.io import (DiskFullError, WriteRefusedError, atomic_write_text, is_disk_full,
                        translate_disk_full)
 from conftest import FIXTURES, ROOT, make_code_cache
+from faults import mounted_tmpfs
 from test_train import train_cmd
 
 
 @pytest.fixture
 def read_only(tmp_path):
     """A read-only tmpfs of 1 MiB: little free space, and every write refused with EROFS."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs")
 
 
 def test_only_enospc_and_edquot_are_a_full_disk_whatever_the_free_space(monkeypatch, tmp_path):
