@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_code_cache, make_image_folder
+from conftest import ROOT, make_code_cache, make_image_folder, tiny_kl
 from test_kl import kl_args
 from test_msvq_train import train_args as msvq_args
 from test_tokenizer import train_args as vq_args
 from tokenizer import save_tokenizer
 from tokenizer.encode import main as encode
-from tokenizer.kl import KLConfig, KLModel
 from tokenizer.msvq import MSVQConfig, MSVQModel
 from tokenizer.text_cache import TextCacheConfig, write_text_cache
 from tokenizer.train import main as train_tokenizer
@@ -96,13 +95,6 @@ def encoded_pair(root: Path, tokenizer: Path, side: int) -> tuple[Path, Path]:
     return caches[0], caches[1]
 
 
-def flow_tokenizer(root: Path) -> Path:
-    cfg = KLConfig(block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
-                   encoder_attention=[], latent_scale=0.5)
-    torch.manual_seed(0)
-    return save_tokenizer(KLModel(cfg), cfg, root / "kl.safetensors")
-
-
 def scale_tokenizer(root: Path) -> Path:
     cfg = MSVQConfig(codebook_size=16, codebook_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1,
                      patch_nums=[1, 2, 4])
@@ -113,7 +105,7 @@ def scale_tokenizer(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def flow_caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    return encoded_pair(root, flow_tokenizer(root), 16)
+    return encoded_pair(root, tiny_kl(root), 16)
 
 
 @pytest.fixture(scope="module")
