@@ -64,8 +64,9 @@ from dataset.images import to_uint8
 from evaluation import METRICS, InceptionExtractor, load_reference, resolve_weights, score, summary_line
 from evaluation.inputs import open_images
 from evaluation.score import kept_result, score_settings
-from sampling.generate import SamplingConfig
-from sampling.speculative import SAMPLERS, SpeculativeConfig
+from sampling.settings import SamplingConfig
+from sampling.generate import SAMPLERS
+from sampling.speculative import SpeculativeConfig
 from sampling import run as sampling_run
 from sampling.outputs import pack_npz, shard_done
 
@@ -78,7 +79,7 @@ RANGES = {"family": ("llamagen", "xar", "var"),
           "labels": ("random", "balanced"), "layout": tuple(LAYOUTS),
           "precision": PRECISIONS, "device": ("auto", "cpu", "cuda"),
           "image_size": ">= 1", "eval_size": ">= 1", "num_images": ">= 2", "batch_size": ">= 1",
-          "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0", "sampler": SAMPLERS}
+          "shard_size": ">= 1", "nproc": ">= 0", "published_fid": ">= 0", "sampler": tuple(SAMPLERS)}
 
 
 @dataclass

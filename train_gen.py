@@ -20,22 +20,25 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 from tqdm import tqdm
 
-from ar.checkpoint import (check_identity, checkpoint_step, export_generator, latest_checkpoint,
-                           load_resume, save_resume)
-from ar.data import BatchStream, CaptionCache, CodeCache, LatentCache, ScaleCodeCache, open_cache
+from ar.checkpoint import check_resume, export_generator, load_resume, save_resume
+from ar.conditioning import condition_entry, spec_entry
+from ar.config import GeneratorSpec, ModelConfig, tokenizer_kind
+from ar.data import BatchStream, CodeCache, LatentCache, open_cache
 from ar.ema import EMA
 from ar.engine import batch_layout, build_engine, train_step
-from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, TextSpec, tokenizer_kind
-from ar.optim import lr_at
+from ar.model import ARModel
+from ar.run_log import (log_metrics, prune_weights, restore_window, truncate_metrics, window_means,
+                        window_state)
 from common import dist
 from common.config import ConfigError, check_fields, check_paths, run_cli, to_yaml
-from common.io import DiskFullError, atomic_write_text, make_folder, translate_disk_full
-from sampling.generate import SamplingConfig
+from common.io import DiskFullError, atomic_write_text, make_folder
+from common.schedule import lr_at
+from sampling.settings import SamplingConfig
 
 
 # The config schema: one dataclass per component, every field commented; YAML files under
@@ -145,70 +148,35 @@ def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
     return cache
 
 
-def open_captions(cfg: RunConfig, cache) -> CaptionCache | None:
-    """The cache's caption side for a text model (named errors when it has none)."""
-    if cfg.model.condition != "text":
-        return None
-    return CaptionCache(cfg.data.codes, cache.count)
+@dataclass
+class RunData:
+    """What a run trains on: the cache, its conditions (the condition entry's training side),
+    the architecture they dictate, and the identity every checkpoint records."""
+
+    cache: Any  # CodeCache | ScaleCodeCache | LatentCache
+    source: Any  # the condition entry's source: LabelSource, CaptionSource, ...
+    spec: GeneratorSpec
+    identity: dict
 
 
-def text_spec(captions: CaptionCache | None) -> TextSpec:
-    if captions is None:
-        return TextSpec()
-    m = captions.meta
-    tok, encoder = m.get("tokenizer") or {}, m.get("encoder") or {}
-    return TextSpec(kind=m["kind"], max_tokens=captions.max_tokens, tokenizer=tok.get("kind", ""),
-                    tokenizer_json=captions.tokenizer_json(), vocab_size=tok.get("vocab_size", 0),
-                    channels=m.get("channels", 0), encoder=encoder.get("path", ""),
-                    encoder_sha256=encoder.get("sha256", ""))
-
-
-def make_spec(cfg: RunConfig, cache: CodeCache | LatentCache,
-              captions: CaptionCache | None = None) -> GeneratorSpec:
-    """The architecture: the model config plus what the cache dictates."""
-    tok = cache.meta["tokenizer"]
-    multiscale = MultiScaleSpec()
-    if isinstance(cache, ScaleCodeCache):  # the quantiser's facts, from the tokenizer's config
-        t = tok["config"]
-        multiscale = MultiScaleSpec(patch_nums=cache.scales, code_dim=t["codebook_dim"],
-                                    quant_resi=t["quant_resi"], share_quant_resi=t["share_quant_resi"])
-    return GeneratorSpec(model=cfg.model, vocab_size=getattr(cache, "codebook_size", 0),
-                         latent_channels=getattr(cache, "channels", 0), multiscale=multiscale,
-                         grid_h=cache.grid_h,
-                         grid_w=cache.grid_w, num_classes=cache.num_classes,
-                         class_names=cache.class_names, resolution=int(cache.meta["resolution"]),
-                         tokenizer_path=tok["path"], tokenizer_sha256=tok["sha256"],
-                         text=text_spec(captions))
-
-
-def check_grid(cfg: RunConfig, spec: GeneratorSpec) -> None:
-    """The grids' rows, checked before training rather than at its end."""
-    from sampling.prompts import check_class_ids
-
-    if cfg.grid.classes and spec.text.kind:
-        raise ConfigError(f"grid.classes={cfg.grid.classes}: this model is text-to-image, its grid "
-                          f"rows are grid.prompts (or 8 of the cache's captions)")
-    if cfg.grid.classes:
-        check_class_ids(spec, cfg.grid.classes, "grid.classes")
-
-
-def grid_prompts(cfg: RunConfig) -> list[str]:
-    """The grid's prompts: grid.prompts, or 8 captions spread over the cache."""
-    if cfg.grid.prompts:
-        return list(cfg.grid.prompts)
-    from tokenizer.text_cache import read_captions
-
-    captions = read_captions(Path(cfg.data.codes))
-    return [captions[i * len(captions) // 8] for i in range(min(8, len(captions)))]
+def prepare_data(cfg: RunConfig) -> RunData:
+    """Open the cache and its conditions; the spec and identity follow from them. The grid's
+    rows are checked here, before training rather than at its end."""
+    cache = open_training_cache(cfg)
+    source = condition_entry(cfg.model.condition).source(cfg.data.codes, cache)
+    spec = GeneratorSpec(model=cfg.model, **cache.spec_fields(), **source.spec_fields())
+    spec_entry(spec).check_rows(spec, cfg.grid.classes, cfg.grid.prompts, "grid.classes")
+    identity = {"data": {**cache.identity(), **source.identity()}, "model": asdict(cfg.model),
+                "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
+    return RunData(cache, source, spec, identity)
 
 
 @torch.no_grad()
 def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Path, log) -> None:
     """A grid (one row per class, or per prompt) from the EMA weights, if the tokenizer file
-    is at hand."""
+    (and whatever else the condition needs) is at hand."""
     from sampling.generate import generate
     from sampling.outputs import decode_codes, save_grid
-    from sampling.prompts import grid_rows
     from tokenizer import load_tokenizer
 
     if not Path(spec.tokenizer_path).is_file():
@@ -216,12 +184,13 @@ def write_grid(cfg: RunConfig, ema_model: ARModel, spec: GeneratorSpec, path: Pa
         return
     device = ema_model.levels.device
     tokenizer = load_tokenizer(spec.tokenizer_path, device=device)
-    prompts = grid_prompts(cfg) if spec.text.kind else None
-    if spec.text.kind == "features" and not Path(spec.text.encoder).is_dir():
-        log.warning(f"text encoder {spec.text.encoder} not found: no grid written")
+    entry = spec_entry(spec)
+    missing = entry.missing(spec)
+    if missing is not None:
+        log.warning(f"{missing}: no grid written")
         return
-    classes = cfg.grid.classes or list(range(min(spec.num_classes, 16)))
-    rows, names = grid_rows(ema_model, classes, prompts, device, key="grid.classes")
+    classes, prompts = entry.training_rows(spec, cfg.data.codes, cfg.grid.classes, cfg.grid.prompts)
+    rows, names = ema_model.cond.grid_rows(classes, prompts, device, key="grid.classes")
     cond = rows.repeat_rows(cfg.grid.per_class)
     codes = generate(ema_model, cond, torch.arange(len(cond), device=device), cfg.grid.seed,
                      cfg.grid.sampling)
@@ -253,47 +222,117 @@ def copy_quantizer(model: ARModel, spec: GeneratorSpec) -> None:
     model.inputs.load_quantizer(load_tokenizer(path, device=model.levels.device))
 
 
-def run_identity(cfg: RunConfig, cache: CodeCache | LatentCache,
-                 captions: CaptionCache | None = None) -> dict:
-    """What this run trains on and the settings that define it, stored with every checkpoint."""
-    meta = cache.meta
-    size = {"codebook_size": meta["codebook_size"]} if "codebook_size" in meta else \
-        {"channels": meta["channels"], "latent_scale": meta["latent_scale"]}
-    data = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "grid": list(meta["grid"]),
-            **size, "count": meta["count"], "fingerprint": cache.fingerprint(),
-            "num_classes": meta["num_classes"], "resolution": meta["resolution"],
-            "variants": list(meta["variants"])}
-    if captions is not None:
-        data["text"] = {k: captions.meta[k] for k in ("kind", "max_tokens", "captions_sha256", "settings")}
-    return {"data": data, "model": asdict(cfg.model),
-            "train": {k: getattr(cfg.train, k) for k in RESUME_KEYS}}
+@dataclass
+class Run:
+    """A training run's state between steps."""
+
+    folder: Path
+    model: ARModel
+    ema: EMA
+    eng: Any  # ar.engine.Engine
+    stream: BatchStream
+    step: int = 0
+    samples: int = 0  # images consumed: the data position
+    window: dict = field(default_factory=dict)  # summed metrics since the last log line
+    window_steps: int = 0
+    last: dict = field(default_factory=dict)  # the latest logged metrics
+    saved_step: int = 0
+    norm: Any = None  # the last step's gradient norm
+    writer: Any = None  # tensorboard (main process)
 
 
-def finished_run(run: Path, step: int, cfg: RunConfig) -> dict | None:
-    """The summary of a run that already reached max_steps and exported its weights."""
-    summary = run / "summary.json"
-    if step < cfg.train.max_steps or not (run / "weights" / "ema.safetensors").is_file() \
-            or not summary.is_file():
-        return None
+def build_run(cfg: RunConfig, data: RunData, ckpt: Path | None, info, micro: int, accum: int,
+              log) -> Run:
+    """Model, EMA, engine and data stream; resumed from `ckpt` when there is one."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = ARModel(data.spec).to(info.device)
+    if data.spec.multiscale.patch_nums:
+        copy_quantizer(model, data.spec)
+    data.source.fill_null(model.cond)  # e.g. the empty caption (saved with the weights)
+    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+    eng = build_engine(cfg.train, model, info, micro, accum)
+    torch.manual_seed(dist.rank_seed(cfg.train.seed, info.rank, stride=info.world_size, offset=1))  # dropout differs per rank
+    log.info(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {info.world_size} "
+             f"process(es), micro batch {micro} x {accum} accumulation = global {cfg.train.global_batch}")
+    stream = BatchStream(data.cache, cfg.train.seed, cfg.train.cond_dropout, data.source)
+    run = Run(Path(cfg.out_dir), model, ema, eng, stream)
+    if ckpt is not None:
+        run.step, run.samples, rank_state = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
+        run.window, run.window_steps = restore_window(rank_state, info.device)
+        log.info(f"resumed from {ckpt} at step {run.step}")
+    run.saved_step = run.step
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        make_folder(run.folder)
+        atomic_write_text(run.folder / "config.yaml", to_yaml(cfg))
+        run.last = truncate_metrics(run.folder / "metrics.jsonl", run.step, log)
+        run.writer = SummaryWriter(str(run.folder / "tb"), purge_step=run.step)
+    return run
+
+
+def train_one_step(cfg: RunConfig, run: Run, info, micro: int, accum: int) -> float:
+    """One optimiser step and the EMA update; returns the step's learning rate."""
+    t = cfg.train
+    lr = lr_at(run.step, t.lr, warmup_of(t), t.max_steps, t.schedule, t.min_lr_ratio, t.decay_start)
+    for group in run.eng.optimizer.param_groups:
+        group["lr"] = lr
+    stats, run.norm = train_step(t, run.eng, run.model, run.stream, run.samples, info, micro, accum)
+    run.ema.update(run.model, run.step)
+    run.step, run.samples = run.step + 1, run.samples + t.global_batch
+    run.window = {k: run.window.get(k, 0.0) + v for k, v in stats.items()}
+    run.window_steps += 1
+    return lr
+
+
+def log_step(cfg: RunConfig, run: Run, lr: float, seconds: float, bar) -> None:
+    """The window's means over steps and processes: the progress bar, tensorboard, metrics.jsonl."""
+    speed = run.window_steps * cfg.train.global_batch / seconds
+    run.last = {"step": run.step, **window_means(run.window, run.window_steps), "lr": lr,
+                "grad_norm": float(run.norm), "samples_per_s": speed,
+                "tokens_per_s": speed * run.model.num_tokens}
+    bar.set_postfix(loss=f"{run.last['loss']:.4f}", lr=f"{lr:.2e}")
+    if run.writer is not None:
+        log_metrics(run.folder, run.writer, run.last)
+    run.window, run.window_steps = {}, 0
+
+
+def save_step(cfg: RunConfig, run: Run, info, identity: dict) -> None:
+    """A resumable checkpoint (every rank) and the EMA weights of this step (main process)."""
+    save_resume(run.folder, run.step, run.samples, run.model, run.eng.optimizer, run.ema, info,
+                cfg.train.keep_ckpts, run.eng.deepspeed, identity, window_state(run.window, run.window_steps))
+    run.saved_step = run.step
+    if info.is_main:
+        export_generator(run.folder / "weights" / f"step_{run.step:07d}.safetensors", run.ema.model,
+                         to_yaml(cfg))
+        prune_weights(run.folder / "weights", cfg.train.keep_ckpts)
+
+
+def train(cfg: RunConfig, run: Run, data: RunData, info, micro: int, accum: int, log) -> None:
+    """Steps up to train.max_steps: log, checkpoint and sample grids on their intervals."""
+    t = cfg.train
+    t_log = time.time()
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not info.is_main)
     try:
-        done = json.loads(summary.read_text())
-    except json.JSONDecodeError:
-        return None
-    return done if done.get("steps") == step else None
-
-
-def check_resume(cfg: RunConfig, run: Path, identity: dict, log) -> tuple[Path | None, dict | None]:
-    """(latest checkpoint, summary if the run is already finished); refuses a checkpoint made
-    with other data or settings, or one past max_steps."""
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        return None, None
-    if not check_identity(ckpt, identity, run):
-        log.warning(f"{ckpt} records no data identity (an older checkpoint): resuming unchecked")
-    if checkpoint_step(ckpt) > cfg.train.max_steps:
-        raise ValueError(f"{ckpt} is past train.max_steps={cfg.train.max_steps}; raise "
-                         f"train.max_steps or choose another out_dir=")
-    return ckpt, finished_run(run, checkpoint_step(ckpt), cfg)
+        while run.step < t.max_steps:
+            lr = train_one_step(cfg, run, info, micro, accum)
+            bar.update(1)
+            end = run.step == t.max_steps
+            if run.step % t.log_every == 0 or end:
+                log_step(cfg, run, lr, time.time() - t_log, bar)
+                t_log = time.time()
+            if run.step % t.ckpt_every == 0 or end:
+                save_step(cfg, run, info, data.identity)
+            if info.is_main and t.sample_every and run.step % t.sample_every == 0:
+                write_grid(cfg, run.ema.model, data.spec, run.folder / f"grid_{run.step:07d}.png", log)
+        bar.close()  # before the final grid's own progress
+        if info.is_main:
+            export_final(cfg, run.folder, run.ema.model, data.spec, run.step, run.last, log)
+    except DiskFullError as e:
+        raise DiskFullError(e.path, f"free space and run the same command again; the last "
+                                    f"complete checkpoint is step {run.saved_step}") from e
+    finally:  # a bar left open is redrawn at exit, after the error line
+        bar.close()
 
 
 def main(cfg: RunConfig) -> dict:
@@ -302,118 +341,22 @@ def main(cfg: RunConfig) -> dict:
     log = dist.get_logger("train", info.rank)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    run = Path(cfg.out_dir)
-    cache = open_training_cache(cfg)
-    captions = open_captions(cfg, cache)
-    spec = make_spec(cfg, cache, captions)
-    check_grid(cfg, spec)
-    identity = run_identity(cfg, cache, captions)
+    folder = Path(cfg.out_dir)
+    data = prepare_data(cfg)
     micro, accum = batch_layout(cfg.train, info.world_size)
-    ckpt, done = check_resume(cfg, run, identity, log)
+    ckpt, done = check_resume(folder, data.identity, cfg.train.max_steps, log)
     if done is not None:
-        log.info(f"{run} already finished at step {done['steps']} (weights in "
-                 f"{run / 'weights' / 'ema.safetensors'}); nothing to do. Raise "
+        log.info(f"{folder} already finished at step {done['steps']} (weights in "
+                 f"{folder / 'weights' / 'ema.safetensors'}); nothing to do. Raise "
                  f"train.max_steps to train on, or choose another out_dir= for a new run")
         dist.cleanup()
         return done["final"]
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = ARModel(spec).to(info.device)
-    if spec.multiscale.patch_nums:
-        copy_quantizer(model, spec)
-    if captions is not None:  # the empty caption, what dropped captions become (saved with the weights)
-        model.cond.null_text.copy_(torch.from_numpy(captions.null))
-    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-    eng = build_engine(cfg.train, model, info, micro, accum)
-    torch.manual_seed(cfg.train.seed * info.world_size + info.rank + 1)  # dropout differs per rank
-    log.info(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {info.world_size} "
-             f"process(es), micro batch {micro} x {accum} accumulation = global {cfg.train.global_batch}")
-
-    step, samples = 0, 0
-    # the losses of the steps since the last log line: kept in checkpoints, so a resumed run logs
-    # the same averages as an uninterrupted one whatever ckpt_every and log_every are
-    window, window_steps = {}, 0
-    if ckpt is not None:
-        step, samples, rank_state = load_resume(ckpt, model, eng.optimizer, ema, info, eng.deepspeed)
-        if "log_window" in rank_state:
-            names = rank_state.get("log_names", ["loss", "acc"])  # older checkpoints: the two
-            window = dict(zip(names, rank_state["log_window"].to(info.device).unbind()))
-            window_steps = int(rank_state["log_steps"])
-        log.info(f"resumed from {ckpt} at step {step}")
-    writer, saved_step, last = None, step, {}
-    if info.is_main:
-        make_folder(run)
-        atomic_write_text(run / "config.yaml", to_yaml(cfg))
-        last = _truncate_metrics(run / "metrics.jsonl", step, log)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run / "tb"), purge_step=step)
-
-    stream = BatchStream(cache, cfg.train.seed, cfg.train.cond_dropout, captions)
-    model.train()
-    t_log = time.time()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not info.is_main)
-    try:
-        while step < cfg.train.max_steps:
-            lr = lr_at(step, cfg.train.lr, warmup_of(cfg.train), cfg.train.max_steps,
-                       cfg.train.schedule, cfg.train.min_lr_ratio, cfg.train.decay_start)
-            for group in eng.optimizer.param_groups:
-                group["lr"] = lr
-            stats, norm = train_step(cfg.train, eng, model, stream, samples, info, micro, accum)
-            ema.update(model, step)
-            step, samples = step + 1, samples + cfg.train.global_batch
-            window = {k: window.get(k, 0.0) + v for k, v in stats.items()}
-            window_steps += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                speed = window_steps * cfg.train.global_batch / (time.time() - t_log)
-                last = {"step": step, **window_means(window, window_steps), "lr": lr,
-                        "grad_norm": float(norm), "samples_per_s": speed,
-                        "tokens_per_s": speed * model.num_tokens}
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-                if writer is not None:
-                    _log_metrics(run, writer, last)
-                window, window_steps, t_log = {}, 0, time.time()
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-                save_resume(run, step, samples, model, eng.optimizer, ema, info, cfg.train.keep_ckpts,
-                            eng.deepspeed, identity,
-                            window_state(window, window_steps))
-                saved_step = step
-                if info.is_main:
-                    export_generator(run / "weights" / f"step_{step:07d}.safetensors", ema.model,
-                                     to_yaml(cfg))
-                    _prune(run / "weights", cfg.train.keep_ckpts)
-            if info.is_main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                write_grid(cfg, ema.model, spec, run / f"grid_{step:07d}.png", log)
-        bar.close()  # before the final grid's own progress
-        if info.is_main:
-            export_final(cfg, run, ema.model, spec, step, last, log)
-    except DiskFullError as e:
-        raise DiskFullError(e.path, f"free space and run the same command again; the last "
-                                    f"complete checkpoint is step {saved_step}") from e
-    finally:  # a bar left open is redrawn at exit, after the error line
-        bar.close()
+    run = build_run(cfg, data, ckpt, info, micro, accum, log)
+    run.model.train()
+    train(cfg, run, data, info, micro, accum, log)
     dist.barrier()
     dist.cleanup()
-    return last
-
-
-def _names(window: dict) -> list[str]:
-    return sorted(window, key=lambda k: (k != "loss", k))  # the loss first, then the head's own
-
-
-def window_means(window: dict, steps: int) -> dict:
-    """The metrics' means over the window's steps and over all processes."""
-    names = _names(window)
-    values = dist.all_reduce_mean(torch.stack([window[k] for k in names])) / steps
-    return dict(zip(names, values.tolist()))
-
-
-def window_state(window: dict, steps: int) -> dict:
-    """This rank's unlogged window, for the checkpoint (tensors and names only)."""
-    names = _names(window)
-    values = torch.stack([window[k] for k in names]).cpu() if names else torch.zeros(0)
-    return {"log_window": values, "log_names": names, "log_steps": steps}
+    return run.last
 
 
 def export_final(cfg: RunConfig, run: Path, ema_model: ARModel, spec: GeneratorSpec, step: int,
@@ -427,48 +370,6 @@ def export_final(cfg: RunConfig, run: Path, ema_model: ARModel, spec: GeneratorS
         {"steps": step, "final": last, "parameters": parameters}, indent=2))
     log.info(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; "
              f"weights in {run / 'weights' / 'ema.safetensors'}")
-
-
-def _log_metrics(run: Path, writer, metrics: dict) -> None:
-    step = metrics["step"]
-    for k, v in metrics.items():
-        if k != "step":
-            writer.add_scalar(f"train/{k}", v, step)
-    writer.flush()
-    path = run / "metrics.jsonl"
-    with translate_disk_full(path), open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int, log) -> dict:
-    """After a resume, drop log lines the interrupted run wrote past its last checkpoint, and
-    lines a kill or a full disk tore; returns the last line kept (the run's latest metrics)."""
-    if not path.is_file():
-        return {}
-    keep, torn = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError
-        except ValueError:
-            torn.append(number)
-            continue
-        if record["step"] <= step:
-            keep.append(record)
-    if torn:
-        log.warning(f"{path}: dropped unreadable line(s) {torn} (torn by an interrupted write)")
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-    return keep[-1] if keep else {}
-
-
-def _prune(folder: Path, keep: int) -> None:
-    old = sorted(folder.glob("step_*.safetensors"))
-    for p in old[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".yaml").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

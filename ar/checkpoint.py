@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ar.model import ARModel, GeneratorSpec
+from ar.config import GeneratorSpec, ModelConfig
+from ar.model import ARModel
 from common import dist
-from common.config import from_yaml, recorded_differences, to_yaml
+from common.config import from_yaml, recorded_differences, to_yaml, upgrade_legacy
 from common.io import (DiskFullError, WriteRefusedError, atomic_write_text, load_state_strict,
                        read_weights, save_weights, translate_disk_full)
 
@@ -154,13 +155,43 @@ def check_identity(path: Path, identity: dict, run_dir: str | Path) -> bool:
     stored_file = path / "identity.json"
     if not stored_file.is_file():
         return False
-    diffs = recorded_differences(json.loads(stored_file.read_text()), identity, IDENTITY_MEANINGS)
+    stored = json.loads(stored_file.read_text())
+    if isinstance(stored.get("model"), dict):  # the model config as it was written then, in today's keys
+        upgrade_legacy(ModelConfig, stored["model"])
+    diffs = recorded_differences(stored, identity, IDENTITY_MEANINGS)
     if diffs:
         raise ValueError(f"{path} was made with other data or settings than this run "
                          f"({'; '.join(diffs)}). To start a new run, choose another out_dir= "
                          f"(or delete {Path(run_dir) / 'checkpoints'}); to continue this one, run "
                          f"it with the settings and data it was started with")
     return True
+
+
+def finished_run(run: Path, step: int, max_steps: int) -> dict | None:
+    """The summary of a run that already reached max_steps and exported its weights."""
+    summary = run / "summary.json"
+    if step < max_steps or not (run / "weights" / "ema.safetensors").is_file() \
+            or not summary.is_file():
+        return None
+    try:
+        done = json.loads(summary.read_text())
+    except json.JSONDecodeError:
+        return None
+    return done if done.get("steps") == step else None
+
+
+def check_resume(run: Path, identity: dict, max_steps: int, log) -> tuple[Path | None, dict | None]:
+    """(latest checkpoint, summary if the run is already finished); refuses a checkpoint made
+    with other data or settings, or one past max_steps."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return None, None
+    if not check_identity(ckpt, identity, run):
+        log.warning(f"{ckpt} records no data identity (an older checkpoint): resuming unchecked")
+    if checkpoint_step(ckpt) > max_steps:
+        raise ValueError(f"{ckpt} is past train.max_steps={max_steps}; raise "
+                         f"train.max_steps or choose another out_dir=")
+    return ckpt, finished_run(run, checkpoint_step(ckpt), max_steps)
 
 
 def export_generator(path: str | Path, model: ARModel, run_config_yaml: str = "") -> Path:

@@ -19,13 +19,14 @@ So
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
 
-from ar.conditioning import ClassCondition, TextCondition
 from tokenizer.kl_loss import sample, split_moments
 
 _NOISE_TAG = 0x4C41544E  # keeps latent-noise seeds apart from the epoch orders' ([seed, epoch])
@@ -50,6 +51,17 @@ def read_sorted(array: np.ndarray, rows: np.ndarray, *more: np.ndarray) -> np.nd
     out = np.empty((len(rows), *array.shape[1 + len(more):]), dtype=array.dtype)
     out[order] = array[(rows[order], *(m[order] for m in more))]
     return out
+
+
+@dataclass
+class MultiScaleSpec:
+    """A multi-scale tokenizer's quantiser (VAR's VQVAE), which next-scale inputs rebuild from
+    codes; copied from the tokenizer's config. Empty for single-grid tokenizers."""
+
+    patch_nums: List[int] = field(default_factory=list)  # side of each scale's code map, coarse to fine (last = grid side)
+    code_dim: int = 0  # channels of a code vector (VAR's Cvae)
+    quant_resi: float = 0.5  # r of the tokenizer's phi(x) = (1 - r) x + r conv3x3(x)
+    share_quant_resi: int = 4  # the tokenizer's phi convolutions: 1 shared, 0 one per scale, K spread
 
 
 class _ShardedCache:
@@ -78,6 +90,24 @@ class _ShardedCache:
         if self.count != self.meta["count"] or self.count == 0:
             raise ValueError(f"{self.path}: meta.json says {self.meta['count']} images but the "
                              f"shards hold {self.count}; re-run the encode command")
+
+    def spec_fields(self) -> dict:
+        """Its part of the GeneratorSpec: what the cache dictates to the model."""
+        tok = self.meta["tokenizer"]
+        return {"grid_h": self.grid_h, "grid_w": self.grid_w, "num_classes": self.num_classes,
+                "class_names": self.class_names, "resolution": int(self.meta["resolution"]),
+                "tokenizer_path": tok["path"], "tokenizer_sha256": tok["sha256"]}
+
+    def identity(self) -> dict:
+        """Its part of a run's identity: what a resume must find unchanged."""
+        meta = self.meta
+        return {"tokenizer_sha256": meta["tokenizer"]["sha256"], "grid": list(meta["grid"]),
+                **self.size_identity(), "count": meta["count"], "fingerprint": self.fingerprint(),
+                "num_classes": meta["num_classes"], "resolution": meta["resolution"],
+                "variants": list(meta["variants"])}
+
+    def size_identity(self) -> dict:
+        raise NotImplementedError
 
     def fingerprint(self) -> str:
         """The hash of every shard's data and labels that the encoder recorded in meta.json;
@@ -109,6 +139,12 @@ class CodeCache(_ShardedCache):
         self.codebook_size = int(self.meta["codebook_size"])
         self.code_shape = (self.grid_h, self.grid_w)  # one image's codes, as the model takes them
 
+    def spec_fields(self) -> dict:
+        return {**super().spec_fields(), "vocab_size": self.codebook_size}
+
+    def size_identity(self) -> dict:
+        return {"codebook_size": self.meta["codebook_size"]}
+
     def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
         """Codes (n, *code_shape) int64 for the given image indices and variants."""
         out = self._gather(indices, variants, np.int64)
@@ -135,6 +171,13 @@ class ScaleCodeCache(CodeCache):
                              f"but meta.json's scales {self.scales} make {self.seq_len} per image; "
                              f"re-run the encode command")
 
+    def spec_fields(self) -> dict:
+        """... and the quantiser's facts, from the tokenizer's config."""
+        t = self.meta["tokenizer"]["config"]
+        multiscale = MultiScaleSpec(patch_nums=self.scales, code_dim=t["codebook_dim"],
+                                    quant_resi=t["quant_resi"], share_quant_resi=t["share_quant_resi"])
+        return {**super().spec_fields(), "multiscale": multiscale}
+
 
 class LatentCache(_ShardedCache):
     """Memory-mapped posterior moments (N, A, 2C, h, w) float16 and labels (N,) of a
@@ -152,6 +195,12 @@ class LatentCache(_ShardedCache):
             raise ValueError(f"{self.path}: shards hold moments of shape {stored}, but meta.json "
                              f"says {self.channels} channels on a {self.grid_h}x{self.grid_w} "
                              f"grid; re-run the encode command")
+
+    def spec_fields(self) -> dict:
+        return {**super().spec_fields(), "latent_channels": self.channels}
+
+    def size_identity(self) -> dict:
+        return {"channels": self.meta["channels"], "latent_scale": self.meta["latent_scale"]}
 
     def get(self, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
         """Posterior moments (n, 2C, h, w) float32 (mean, then unclamped logvar)."""
@@ -182,48 +231,14 @@ def open_cache(path: str | Path) -> CodeCache | ScaleCodeCache | LatentCache:
     return CACHES[read_meta(path)["kind"]](path)
 
 
-class CaptionCache:
-    """A cache's caption side (OUT/text/, tokenizer/text_cache.py), memory-mapped: caption
-    tokens (N, T) or encoder features (N, T, C), one row per cached image, and the empty
-    caption's row (`null`) that a dropped caption becomes."""
-
-    def __init__(self, path: str | Path, count: int):
-        from tokenizer.text_cache import REMAKE, TEXT_DIR, read_text_meta, text_files_problem
-
-        self.meta = read_text_meta(path)  # named errors: no caption side, stale captions
-        self.folder = folder = Path(path) / TEXT_DIR
-        broken = text_files_problem(folder, self.meta)
-        if broken is not None:
-            raise ValueError(f"{broken}; {REMAKE}")
-        self.kind, self.max_tokens = self.meta["kind"], int(self.meta["max_tokens"])
-        self.rows = np.load(folder / ("tokens.npy" if self.kind == "tokens" else "features.npy"),
-                            mmap_mode="r")
-        self.null = np.load(folder / "null.npy")
-        if len(self.rows) != count:
-            raise ValueError(f"{folder} holds {len(self.rows)} captions for a cache of {count} "
-                             f"images; {REMAKE}")
-
-    def tokenizer_json(self) -> str:
-        """The trained caption tokenizer (bpe), or "" (byte, features)."""
-        file = (self.meta.get("tokenizer") or {}).get("file")
-        return (self.folder / file).read_text() if file else ""
-
-    def get(self, indices: np.ndarray, drop: np.ndarray) -> TextCondition:
-        rows = read_sorted(self.rows, indices)
-        rows[drop] = self.null
-        dtype = np.int64 if self.kind == "tokens" else np.float32
-        return TextCondition(torch.from_numpy(rows.astype(dtype)))
-
-
 class BatchStream:
     """Deterministic global batches: `batch(offset, size)` = the `size` samples that follow
-    the first `offset` samples of the run. With `captions`, the conditions are the images'
-    captions (text-to-image), else their class labels."""
+    the first `offset` samples of the run, with their conditions drawn by `source` (the model's
+    condition entry's training side: class labels, captions, ...)."""
 
-    def __init__(self, cache: CodeCache | LatentCache, seed: int, cond_dropout: float,
-                 captions: CaptionCache | None = None):
+    def __init__(self, cache: CodeCache | LatentCache, seed: int, cond_dropout: float, source):
         self.cache, self.seed, self.cond_dropout = cache, seed, cond_dropout
-        self.captions = captions
+        self.source = source
 
     @lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -247,17 +262,11 @@ class BatchStream:
             offset, size = offset + take, size - take
         return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
-    def batch(self, offset: int, size: int) -> tuple[torch.Tensor, ClassCondition | TextCondition]:
+    def batch(self, offset: int, size: int):
         """Codes (size, h, w) or (size, L) int64, or scaled latents (size, C, h, w) float32
-        sampled from the cached posteriors, and their conditions, dropped ones set to the null
-        class (or the empty caption)."""
+        sampled from the cached posteriors, and their conditions, dropped ones set to the null."""
         indices, variants, drop = self.plan(offset, size)
-        if self.captions is not None:
-            # a caption describes the original image only ("at the top left" is wrong for its
-            # mirror image): text models train on variant 0
-            codes = self.cache.items(indices, np.zeros_like(variants), self.seed, offset)
-            return codes, self.captions.get(indices, drop)
+        if self.source.one_variant:
+            variants = np.zeros_like(variants)
         codes = self.cache.items(indices, variants, self.seed, offset)
-        labels = self.cache.labels[indices].copy()
-        labels[drop] = self.cache.num_classes  # the null class
-        return codes, ClassCondition(torch.from_numpy(labels))
+        return codes, self.source.draw(indices, drop)

@@ -58,9 +58,7 @@ def build_engine(t, model: nn.Module, info: dist.DistInfo, micro: int, accum: in
                                                                    config=ds_cfg)
         eng.forward = eng.deepspeed
     elif info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        eng.ddp = eng.forward = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        eng.ddp = eng.forward = dist.wrap_ddp(model, info.device)
     if t.compile:
         eng.forward = torch.compile(eng.forward)
     return eng

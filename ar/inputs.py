@@ -36,13 +36,28 @@ Next-scale inputs implement the same. Every kind also says where the predictions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ar.conditioning import TimestepEmbedder
+from ar.timestep import TimestepEmbedder
 from ar.orders import CPU, Order  # buffers are built on the CPU, even under a meta device
 from ar.shuffle import TokenFuse, TokenUnshuffle
+from common.config import ConfigError
 from tokenizer.msvq import MSVQConfig, MultiScaleQuantizer
+
+
+@dataclass
+class InputsConfig:
+    name: str = "auto"  # next_token | next_group | flow | next_scale | shuffle (Token-Shuffle: a step's tokens fused into one position; order cell with cell=s fuses s x s) | auto (flow for the flow head; next_scale for order scale; else next_token for raster, next_group otherwise)
+    shuffle_blocks: int = 2  # shuffle: residual MLP blocks after fusing and before unshuffling (Token-Shuffle's n)
+
+    def validate(self) -> None:
+        if self.name != "auto" and self.name not in INPUTS:
+            raise ConfigError(f"model.inputs.name={self.name!r}; choose one of {['auto', *INPUTS]}")
+        if self.shuffle_blocks < 0:
+            raise ConfigError(f"model.inputs.shuffle_blocks={self.shuffle_blocks} must be >= 0")
 
 
 def _block_causal(blocks: torch.Tensor) -> bool:
@@ -51,7 +66,26 @@ def _block_causal(blocks: torch.Tensor) -> bool:
 
 
 class _Inputs(nn.Module):
-    """What every kind shares: where the predictions of the sequence's elements are read."""
+    """What every kind shares: where the predictions of the sequence's elements are read.
+
+    What shared code asks a kind, declared rather than probed:
+        tokenizer_kind   the tokenizer (and code cache) it trains on: discrete | multiscale |
+                         continuous ("discrete" inputs are the codebook embeddings of tokens,
+                         model.tok_embeddings; the others project their own)
+        timed            each fed group's flow time enters its adaLN vector
+        integrates       a step's tokens are integrated by many network calls (flow), not drawn
+        supports_window  `elements` feeds any window of elements per row at once (speculative
+                         decoding verifies drafted windows with it)
+        prefill_predicts_first  step 0 is predicted by the prefill itself (no pass of its own)
+    """
+
+    timed = False
+    integrates = False
+    supports_window = False
+    prefill_predicts_first = False
+
+    def initialize(self) -> None:
+        """Initialise own parameters beyond the model's N(0, 0.02) (none by default)."""
 
     def predictions(self, h: torch.Tensor) -> torch.Tensor:
         """The states predicting each sequence element (B, N, D) from all positions' (B, L, D)."""
@@ -69,16 +103,15 @@ class _Inputs(nn.Module):
 
 class NextTokenInputs(_Inputs):
     kind = "next_token"
-    timed = False  # no flow time in the adaLN vector
-    # the tokenizer (and code cache) kind the model is trained on; "discrete" inputs are the
-    # codebook embeddings of tokens (model.tok_embeddings), the others project their own
     tokenizer_kind = "discrete"
+    supports_window = True
+    prefill_predicts_first = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()
         if order.step_sizes != [1] * order.num_tokens:
-            raise ValueError(f"model.inputs=next_token needs one token per step; order {order} "
-                             f"has groups: use model.inputs=next_group")
+            raise ValueError(f"model.inputs.name=next_token needs one token per step; order {order} "
+                             f"has groups: use model.inputs.name=next_group")
         self.order, self.prefix = order, prefix
         self.length = order.num_tokens - 1  # the last token is never an input
         self.register_buffer("out_positions", torch.arange(order.num_tokens, device=CPU) + prefix - 1,
@@ -120,8 +153,8 @@ class _OwnStepInputs(_Inputs):
 
 class NextGroupInputs(_OwnStepInputs):
     kind = "next_group"
-    timed = False
     tokenizer_kind = "discrete"
+    supports_window = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__(order, prefix)
@@ -159,7 +192,8 @@ class NextGroupInputs(_OwnStepInputs):
 
 class FlowInputs(_OwnStepInputs):
     kind = "flow"
-    timed = True  # each fed group's flow time enters its adaLN vector
+    timed = True
+    integrates = True
     tokenizer_kind = "continuous"
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
@@ -183,18 +217,18 @@ class FlowInputs(_OwnStepInputs):
 
 class NextScaleInputs(_Inputs):
     kind = "next_scale"
-    timed = False
     tokenizer_kind = "multiscale"
+    prefill_predicts_first = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()
-        scales = getattr(order, "scales", None)
+        scales = order.scales
         if scales is None:
-            raise ValueError(f"model.inputs=next_scale needs model.order=scale, not {order.name}")
+            raise ValueError(f"model.inputs.name=next_scale needs model.order.name=scale, not {order.name}")
         first = order.step_sizes[0]
         if prefix != first:
-            raise ValueError(f"model.inputs=next_scale: the prefix is the first scale's input "
-                             f"(VAR's start token), so model.cond_tokens must be {first} "
+            raise ValueError(f"model.inputs.name=next_scale: the prefix is the first scale's input "
+                             f"(VAR's start token), so model.class_condition.tokens must be {first} "
                              f"(= {scales[0]}^2), not {prefix}")
         self.order, self.prefix = order, prefix
         self.length = order.num_tokens - first  # inputs of scales 1..S-1
@@ -241,18 +275,18 @@ class NextScaleInputs(_Inputs):
 
 class ShuffleInputs(_Inputs):
     kind = "shuffle"
-    timed = False
     tokenizer_kind = "discrete"
+    prefill_predicts_first = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
         super().__init__()
         if prefix < 1:
-            raise ValueError("model.inputs=shuffle predicts the first step from the last prefix "
-                             "position: it needs a condition prefix (model.cond_tokens >= 1)")
+            raise ValueError("model.inputs.name=shuffle predicts the first step from the last prefix "
+                             "position: it needs a condition prefix (model.class_condition.tokens >= 1)")
         self.order, self.prefix = order, prefix
         self.group = order.group_size  # G tokens per position (s x s for a cell order)
         self.length = order.num_steps - 1  # the last step is never an input
-        blocks = spec.model.shuffle_blocks if spec is not None else 2
+        blocks = spec.model.inputs.shuffle_blocks if spec is not None else 2
         self.fuse = TokenFuse(dim, self.group, blocks)
         self.unshuffle = TokenUnshuffle(dim, self.group, blocks)
         # position P - 1 + s predicts step s, so element i is predicted at P - 1 + step_of[i]

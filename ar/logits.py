@@ -8,12 +8,37 @@ decode loop built from them issues no host sync per token on a GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from common.config import check_fields
+
+
+@dataclass
+class DrawSettings:
+    """How a head draws a step's tokens: what `sampling.settings.SamplingConfig` holds for it."""
+
+    temperature: float = 1.0  # softmax temperature; 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 = all
+
+    def validate(self) -> None:
+        check_fields(self, "sampling.", {"temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]"})
 
 
 def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
+    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+def guide(values: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
+    """CFG over the rows of a guided batch, conditional rows first, as the samplers feed them
+    (logits, velocities, drifts alike); None: an unguided batch, returned as it is."""
+    if scale is None:
+        return values
+    cond, uncond = values.chunk(2)
+    return combine_cfg(cond, uncond, scale)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:

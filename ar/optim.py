@@ -1,10 +1,10 @@
-"""Optimiser pieces: AdamW parameter groups, the learning-rate schedule, and the DeepSpeed
-config built from ours (so there is no second, hand-written JSON to keep in sync)."""
+"""Optimiser pieces: AdamW parameter groups and the DeepSpeed config built from ours (so there
+is no second, hand-written JSON to keep in sync). The learning-rate schedule, shared with the
+tokenizers' trainer, is common/schedule.py."""
 
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 from torch import nn
@@ -24,25 +24,6 @@ def make_adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_d
     fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
                              **({"fused": True} if fused else {}))
-
-
-def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str,
-          min_ratio: float = 0.0, decay_start: float = 0.0) -> float:
-    """Linear warm-up over `warmup` steps, then constant, or a cosine or linear decay to
-    min_ratio * lr; the decay starts after the warm-up or at fraction `decay_start` of
-    `total`, whichever is later. Fractions scale with the run, so a shorter run still decays
-    (xAR's schedule was written in epochs of an 800-epoch run, xAR#15). VAR's `lin0` is the
-    linear decay, starting 5% into the post-warm-up span, to 1% of lr."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    if schedule in ("cosine", "linear"):
-        start = max(warmup, round(decay_start * total))
-        progress = min(1.0, max(0, step - start) / max(1, total - start))
-        left = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-        return base_lr * (min_ratio + (1 - min_ratio) * left)
-    raise ValueError(f"unknown schedule {schedule!r}; choose constant, cosine or linear")
 
 
 def deepspeed_config(global_batch: int, micro_batch: int, accum: int, grad_clip: float,

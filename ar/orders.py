@@ -22,13 +22,37 @@ Orders are pure index maps on the CPU: no parameters. The attention rule built f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from common.config import ConfigError
 
 CPU = torch.device("cpu")  # index maps live on the CPU, even when a model is built on meta
 
 
+@dataclass
+class OrderConfig:
+    name: str = "raster"  # raster | cell | subsample | whole | scale (the multi-scale tokenizer's schedule, VAR): a name in ORDERS
+    cell: int = 2  # cell: k x k tokens per step (k divides both grid sides)
+    subsample: int = 2  # subsample: s x s steps, each the sub-grid of one offset
+
+    def validate(self) -> None:
+        if self.name not in ORDERS:
+            raise ConfigError(f"model.order.name={self.name!r}; choose one of {sorted(ORDERS)}")
+        for key in ("cell", "subsample"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.order.{key}={getattr(self, key)} must be >= 1")
+
+
 class Order:
     name = "base"
+    scales: list[int] | None = None  # the scale order's schedule (pyramid sides); None for one grid
+
+    @classmethod
+    def build(cls, cfg: OrderConfig, grid_h: int, grid_w: int, scales: list[int]) -> "Order":
+        """The order from its config section (orders with a size read their own key)."""
+        return cls(grid_h, grid_w)
 
     def __init__(self, grid_h: int, grid_w: int):
         self.grid_h, self.grid_w = grid_h, grid_w
@@ -123,8 +147,12 @@ class CellOrder(Order):
 
     name = "cell"
 
+    @classmethod
+    def build(cls, cfg: OrderConfig, grid_h: int, grid_w: int, scales: list[int]) -> "Order":
+        return cls(grid_h, grid_w, cfg.cell)
+
     def __init__(self, grid_h: int, grid_w: int, cell: int = 2):
-        _divides(cell, grid_h, grid_w, "model.cell")
+        _divides(cell, grid_h, grid_w, "model.order.cell")
         self.k = cell
         super().__init__(grid_h, grid_w)
 
@@ -147,8 +175,12 @@ class SubsampleOrder(Order):
 
     name = "subsample"
 
+    @classmethod
+    def build(cls, cfg: OrderConfig, grid_h: int, grid_w: int, scales: list[int]) -> "Order":
+        return cls(grid_h, grid_w, cfg.subsample)
+
     def __init__(self, grid_h: int, grid_w: int, stride: int = 2):
-        _divides(stride, grid_h, grid_w, "model.subsample")
+        _divides(stride, grid_h, grid_w, "model.order.subsample")
         self.s = stride
         super().__init__(grid_h, grid_w)
 
@@ -183,6 +215,10 @@ class ScaleOrder(Order):
     where the fine tokens it summarises do."""
 
     name = "scale"
+
+    @classmethod
+    def build(cls, cfg: OrderConfig, grid_h: int, grid_w: int, scales: list[int]) -> "Order":
+        return cls(grid_h, grid_w, scales)
 
     def __init__(self, grid_h: int, grid_w: int, scales: list[int]):
         scales = list(scales)
@@ -227,16 +263,10 @@ ORDERS: dict[str, type[Order]] = {"raster": RasterOrder, "cell": CellOrder,
                                   "scale": ScaleOrder}
 
 
-def make_order(name: str, grid_h: int, grid_w: int, cell: int = 2, subsample: int = 2,
-               scales: list[int] | None = None) -> Order:
-    """An order by registry name, with its size parameter where it has one (the scale order's
-    schedule is the tokenizer's)."""
-    if name not in ORDERS:
-        raise ValueError(f"model.order={name!r}; choose one of {sorted(ORDERS)}")
-    if name == "cell":
-        return CellOrder(grid_h, grid_w, cell)
-    if name == "subsample":
-        return SubsampleOrder(grid_h, grid_w, subsample)
-    if name == "scale":
-        return ScaleOrder(grid_h, grid_w, scales or [])
-    return ORDERS[name](grid_h, grid_w)
+def make_order(cfg: OrderConfig | str, grid_h: int, grid_w: int, scales: list[int] | None = None) -> Order:
+    """An order from its config section (or a registry name with default sizes); the scale
+    order's schedule is the tokenizer's."""
+    cfg = OrderConfig(cfg) if isinstance(cfg, str) else cfg
+    if cfg.name not in ORDERS:
+        raise ValueError(f"model.order.name={cfg.name!r}; choose one of {sorted(ORDERS)}")
+    return ORDERS[cfg.name].build(cfg, grid_h, grid_w, list(scales or []))

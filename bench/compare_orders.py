@@ -33,7 +33,8 @@ from ar.conditioning import ClassCondition  # noqa: E402
 from bench.report import print_table  # noqa: E402
 from bench.sample_speed import order_config  # noqa: E402
 from common.config import parse_cli  # noqa: E402
-from sampling.generate import SamplingConfig, generate  # noqa: E402
+from sampling.generate import generate  # noqa: E402
+from sampling.settings import SamplingConfig  # noqa: E402
 
 
 @dataclass
@@ -55,7 +56,7 @@ def stage(cmd: list[str]) -> None:
 
 def run_order(cfg: CompareConfig, name: str) -> dict:
     run, qs = Path(cfg.out) / name, cfg.quickstart
-    overrides = [f"model.{k}={v}" for k, v in order_config(name).items()]
+    overrides = [f"model.order.{k}={v}" for k, v in order_config(name).items()]
     stage(["train_gen.py", "--config", "configs/quickstart.yaml", f"out_dir={run}/gen",
            f"data.codes={qs}/codes", *overrides])
     weights = f"{run}/gen/weights/ema.safetensors"

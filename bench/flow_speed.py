@@ -24,14 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.conditioning import ClassCondition  # noqa: E402
-from ar.model import ARModel, BackboneConfig, GeneratorSpec, ModelConfig, transformer_args  # noqa: E402
+from ar.conditioning import ClassCondition, ClassConditionConfig  # noqa: E402
+from ar.config import BackboneConfig, GeneratorSpec, ModelConfig, transformer_args  # noqa: E402
+from ar.model import ARModel  # noqa: E402
+from ar.orders import OrderConfig  # noqa: E402
 from bench.report import device_label, print_table, seconds_per_call  # noqa: E402
 from common import precision  # noqa: E402
 from common.config import parse_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
 from sampling.flow import generate_flow  # noqa: E402
-from sampling.generate import SamplingConfig  # noqa: E402
+from sampling.settings import SamplingConfig  # noqa: E402
 
 
 @dataclass
@@ -57,9 +59,10 @@ def xar_like(size: str, grid: int, channels: int, cell: int) -> ModelConfig:
     backbone = BackboneConfig(norm_eps=1e-6, block_norm_affine=False, ffn_gate="gelu",
                               ffn_hidden=int(dim * 8 / 3), bias=True, adaln=True, input_norm=True,
                               split=layers // 2)
-    order = dict(order="whole") if cell == grid else dict(order="cell", cell=cell)
-    return ModelConfig(size=size, head="flow", cond_tokens=0, pos_embed="learned", backbone=backbone,
-                       token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, **order)
+    order = OrderConfig("whole") if cell == grid else OrderConfig("cell", cell=cell)
+    return ModelConfig(size=size, head="flow", class_condition=ClassConditionConfig(tokens=0),
+                       pos_embed="learned", backbone=backbone, order=order,
+                       token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
 
 
 def main(cfg: FlowBenchConfig) -> list[dict]:

@@ -23,14 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
+from ar.config import GeneratorSpec, ModelConfig  # noqa: E402
+from ar.model import ARModel  # noqa: E402
+from ar.orders import OrderConfig  # noqa: E402
 from bench.report import device_label, print_table  # noqa: E402
 from common.config import parse_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
 from sampling import noise  # noqa: E402
 from ar.conditioning import ClassCondition  # noqa: E402
 from common import precision  # noqa: E402
-from sampling.generate import SamplingConfig, compiled_extend, generate  # noqa: E402
+from sampling.context import compiled_extend  # noqa: E402
+from sampling.generate import generate  # noqa: E402
+from sampling.settings import SamplingConfig  # noqa: E402
 
 
 @dataclass
@@ -71,11 +75,12 @@ def generate_recompute(model: ARModel, cond, ids, seed, settings) -> torch.Tenso
 
 
 def order_config(name: str) -> dict:
-    """"cell2" -> order cell with k = 2, "subsample2" -> subsample with s = 2, else the name."""
-    for kind, key in (("cell", "cell"), ("subsample", "subsample")):
+    """"cell2" -> {"name": "cell", "cell": 2}, "subsample2" -> subsample with s = 2, else the
+    name: the keys of model.order."""
+    for kind in ("cell", "subsample"):
         if name.startswith(kind) and name[len(kind):].isdigit():
-            return {"order": kind, key: int(name[len(kind):])}
-    return {"order": name}
+            return {"name": kind, kind: int(name[len(kind):])}
+    return {"name": name}
 
 
 def timed(fn, device, repeats: int):
@@ -99,7 +104,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     variants = [("kv-cache", None)] + ([("kv-cache+compile", compiled_extend())] if cfg.compile else [])
     rows = []
     for order in cfg.orders:
-        spec = GeneratorSpec(model=ModelConfig(size=cfg.size, **order_config(order)),
+        spec = GeneratorSpec(model=ModelConfig(size=cfg.size, order=OrderConfig(**order_config(order))),
                              vocab_size=cfg.vocab, grid_h=cfg.grid, grid_w=cfg.grid,
                              num_classes=cfg.classes)
         torch.manual_seed(0)

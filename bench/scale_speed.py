@@ -27,13 +27,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.conditioning import ClassCondition  # noqa: E402
-from ar.model import ARModel, GeneratorSpec, ModelConfig, MultiScaleSpec, transformer_args  # noqa: E402
+from ar.config import GeneratorSpec, ModelConfig, MultiScaleSpec, transformer_args  # noqa: E402
+from ar.inputs import InputsConfig  # noqa: E402
+from ar.model import ARModel  # noqa: E402
+from ar.orders import OrderConfig  # noqa: E402
 from bench.report import device_label, print_table, seconds_per_call  # noqa: E402
 from common import precision  # noqa: E402
 from common.config import parse_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
 from convert.var_transformer import var_model_config  # noqa: E402
-from sampling.generate import SamplingConfig, compiled_extend, generate  # noqa: E402
+from sampling.context import compiled_extend  # noqa: E402
+from sampling.generate import generate  # noqa: E402
+from sampling.settings import SamplingConfig  # noqa: E402
 
 
 @dataclass
@@ -62,7 +67,8 @@ def models(cfg: ScaleBenchConfig) -> dict[str, ModelConfig]:
     a = transformer_args(ModelConfig(size=cfg.size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head))
     scale = var_model_config(a.dim, a.n_layer, a.n_head, 4 * a.dim, cfg.scales[0] ** 2)
     raster = var_model_config(a.dim, a.n_layer, a.n_head, 4 * a.dim, 1)
-    raster.order, raster.inputs, raster.cond_prefix, raster.level_embed = "raster", "auto", "table", False
+    raster.order, raster.inputs, raster.level_embed = OrderConfig("raster"), InputsConfig("auto"), False
+    raster.class_condition.prefix = "table"
     return {"next-scale": scale, "raster": raster}
 
 

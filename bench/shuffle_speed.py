@@ -25,13 +25,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar.conditioning import ClassCondition, TextCondition  # noqa: E402
-from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
+from ar.config import GeneratorSpec, ModelConfig  # noqa: E402
+from ar.inputs import InputsConfig  # noqa: E402
+from ar.model import ARModel  # noqa: E402
 from ar.optim import make_adamw  # noqa: E402
+from ar.orders import OrderConfig  # noqa: E402
 from bench.report import device_label, print_table, seconds_per_call  # noqa: E402
 from common import precision  # noqa: E402
 from common.config import parse_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
-from sampling.generate import SamplingConfig, compiled_extend, generate  # noqa: E402
+from sampling.context import compiled_extend  # noqa: E402
+from sampling.generate import generate  # noqa: E402
+from sampling.settings import SamplingConfig  # noqa: E402
 
 
 @dataclass
@@ -57,7 +62,8 @@ class ShuffleBenchConfig:
 
 
 def build(cfg: ShuffleBenchConfig, grid: int, s: int, device, dtype) -> ARModel:
-    shuffle = dict(order="cell", cell=s, inputs="shuffle", shuffle_blocks=cfg.shuffle_blocks) if s > 1 else {}
+    shuffle = dict(order=OrderConfig("cell", cell=s),
+                   inputs=InputsConfig("shuffle", shuffle_blocks=cfg.shuffle_blocks)) if s > 1 else {}
     m = ModelConfig(size=cfg.size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head,
                     token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, **shuffle)
     spec = GeneratorSpec(model=m, vocab_size=cfg.vocab, grid_h=grid, grid_w=grid, num_classes=1000)

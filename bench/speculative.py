@@ -38,7 +38,8 @@ from common.io import atomic_write_text  # noqa: E402
 from sampling.outputs import decode_codes  # noqa: E402
 from sampling.guidance import step_scales  # noqa: E402
 from sampling.run import SampleRunConfig, load_models  # noqa: E402
-from sampling.speculative import SpeculativeConfig, SpeculativeStats, plain_passes, sample_codes  # noqa: E402
+from sampling.generate import plain_passes, sample_codes  # noqa: E402
+from sampling.speculative import SpeculativeConfig, SpeculativeStats  # noqa: E402
 from scripts.quickstart import PIPELINES, dataset_of, stage_arg  # noqa: E402
 
 

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar.model import ARModel, GeneratorSpec, ModelConfig  # noqa: E402
+from ar.config import GeneratorSpec, ModelConfig  # noqa: E402
+from ar.model import ARModel  # noqa: E402
 from ar.optim import make_adamw  # noqa: E402
 from bench.report import device_label, print_table  # noqa: E402
 from common import precision  # noqa: E402

@@ -85,6 +85,32 @@ def _validate(cfg: Any, source: str) -> None:
                 raise ConfigError(f"{source}: {e}") from None
 
 
+def upgrade_legacy(schema: type, raw: dict, context: Any = None,
+                   warn: Callable[[str], None] | None = None) -> dict:
+    """Rewrite, in place, the keys a schema has moved since they were written: a config class
+    may define `upgrade_legacy(raw, context) -> notes` for its own node (`context`: the values
+    merged so far at that node, or None); nested sections are visited too. `warn` gets one
+    deprecation note per moved key (user files); stored configs are upgraded silently."""
+    hook = getattr(schema, "upgrade_legacy", None)
+    if hook is not None:
+        for note in hook(raw, context):
+            if warn is not None:
+                warn(note)
+    for f in dataclasses.fields(schema):
+        sub = _dataclass_type(schema, f)
+        if sub is not None and isinstance(raw.get(f.name), dict):
+            inner = context.get(f.name) if context is not None else None
+            upgrade_legacy(sub, raw[f.name], inner, warn)
+    return raw
+
+
+def _upgraded(schema: type, node: DictConfig, merged: DictConfig | None, source: str) -> DictConfig:
+    """A file's or the command line's keys with moved keys rewritten (and a note each)."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    warn = lambda note: print(f"warning: {source}: {note}", file=sys.stderr)  # noqa: E731
+    return OmegaConf.create(upgrade_legacy(schema, raw, merged, warn))
+
+
 def load_config(schema: type[T], files: Sequence[str | Path] = (),
                 overrides: Sequence[str] = ()) -> T:
     """Merge YAML files (in order) then `key=value` overrides onto the schema's defaults."""
@@ -102,14 +128,15 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (),
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
         try:
-            merged = OmegaConf.merge(merged, loaded)
+            merged = OmegaConf.merge(merged, _upgraded(schema, loaded, merged, str(path)))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, str(path)) from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"command line: expected key=value overrides, got {bad}")
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        command_line = OmegaConf.from_dotlist(list(overrides))
+        merged = OmegaConf.merge(merged, _upgraded(schema, command_line, merged, "command line"))
     except OmegaConfBaseException as e:
         raise _explain(e, schema, "command line") from None
     try:
@@ -129,7 +156,9 @@ def to_yaml(cfg: Any) -> str:
 def from_yaml(schema: type[T], text: str, source: str = "stored config") -> T:
     """Rebuild a config object from YAML text written by `to_yaml`, strictly."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(text))
+        stored = OmegaConf.to_container(OmegaConf.create(text))
+        stored = upgrade_legacy(schema, stored) if isinstance(stored, dict) else stored
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(stored))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise _explain(e, schema, source) from None

@@ -2,11 +2,14 @@
 
 torchrun (and DeepSpeed's launcher) set RANK, LOCAL_RANK and WORLD_SIZE; when they are absent
 the script is a single process and nothing is initialised. The backend is NCCL on GPU and gloo
-on CPU, so multi-process behaviour is exercised by the CPU test-suite too.
+on CPU, so multi-process behaviour is exercised by the CPU test-suite too. Both trainers (the
+generator's and the tokenizers') wrap their models with `wrap_ddp`; `rank_seed` is the rule
+for each rank's dropout seed.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -54,6 +57,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def rank_seed(seed: int, rank: int, stride: int, offset: int = 0) -> int:
+    """The seed of this rank's unkeyed random draws (dropout), which must differ per rank:
+    seed * stride + offset + rank. Each trainer keeps its own stride and offset, since changing
+    them would change its draws: the generator's are (world size, 1), the tokenizer trainer's
+    (7919, 31 x the step it starts at, so that a resumed run does not replay its masks)."""
+    return seed * stride + offset + rank
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, sync_buffers: bool = True,
+             find_unused: bool = False) -> torch.nn.Module:
+    """`module` under DistributedDataParallel on this process's device. sync_buffers=False
+    keeps each rank's buffers its own (newer torch renamed broadcast_buffers to
+    forward_sync_buffers, and warns about the old name); find_unused for a model whose forward
+    leaves some parameters without a gradient."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    options = {}
+    if not sync_buffers:
+        new = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        options["forward_sync_buffers" if new else "broadcast_buffers"] = False
+    if find_unused:
+        options["find_unused_parameters"] = True
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **options)
 
 
 def barrier() -> None:

@@ -52,7 +52,10 @@ from pathlib import Path
 import torch
 
 from ar.checkpoint import GENERATOR_KIND
-from ar.model import AR_SIZES, ARModel, GeneratorSpec, ModelConfig
+from ar.conditioning import ClassConditionConfig
+from ar.config import AR_SIZES, GeneratorSpec, ModelConfig
+from ar.model import ARModel
+from ar.orders import OrderConfig
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
@@ -197,7 +200,7 @@ def infer_gpt_spec(shapes: dict, image_size: int, downsample: int, n_head: int =
     model = ModelConfig(size=size or "debug", dim=None if size else dim,
                         n_layer=None if size else n_layer, n_head=None if size else n_head,
                         n_kv_head=None if n_kv_head == n_head else n_kv_head, head="token",
-                        order="raster", cond_tokens=1, rope_base=10000.0, cond_rope="zero",
+                        order=OrderConfig("raster"), class_condition=ClassConditionConfig(tokens=1), rope_base=10000.0, cond_rope="zero",
                         pos_embed="none")
     model.validate()
     names = class_names or [f"class {i}" for i in range(classes)]

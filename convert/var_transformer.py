@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 
 from ar.checkpoint import GENERATOR_KIND
+from ar.conditioning import ClassConditionConfig
+from ar.config import AR_SIZES, BackboneConfig, GeneratorSpec, ModelConfig, MultiScaleSpec
 from ar.heads import TokenHeadConfig
-from ar.model import AR_SIZES, ARModel, BackboneConfig, GeneratorSpec, ModelConfig, MultiScaleSpec
+from ar.inputs import InputsConfig
+from ar.model import ARModel
+from ar.orders import OrderConfig
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
@@ -119,8 +123,9 @@ def var_model_config(dim: int, depth: int, heads: int, ffn_hidden: int, first_l:
     return ModelConfig(size=size or "debug", dim=None if size else dim, n_layer=None if size else depth,
                        n_head=None if size else heads, head="token",
                        token_head=TokenHeadConfig(bias=True),
-                       backbone=BackboneConfig(ffn_hidden=ffn_hidden, **VAR_BLOCK), order="scale",
-                       inputs="next_scale", cond_tokens=first_l, cond_prefix="vector", rope="none",
+                       backbone=BackboneConfig(ffn_hidden=ffn_hidden, **VAR_BLOCK), order=OrderConfig("scale"),
+                       inputs=InputsConfig("next_scale"), rope="none",
+                       class_condition=ClassConditionConfig(tokens=first_l, prefix="vector"),
                        pos_embed="learned", level_embed=True, token_dropout=0.0,
                        resid_dropout=0.0, ffn_dropout=0.0)
 

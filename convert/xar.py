@@ -35,7 +35,10 @@ from pathlib import Path
 import torch
 
 from ar.checkpoint import GENERATOR_KIND
-from ar.model import AR_SIZES, ARModel, BackboneConfig, GeneratorSpec, ModelConfig
+from ar.conditioning import ClassConditionConfig
+from ar.config import AR_SIZES, BackboneConfig, GeneratorSpec, ModelConfig
+from ar.model import ARModel
+from ar.orders import OrderConfig
 from common.config import ConfigError, check_fields, to_yaml
 from common.dist import get_logger
 from common.io import save_weights, sha256_file
@@ -141,8 +144,8 @@ def infer_xar_spec(shapes: dict, mask: torch.Tensor | None, downsample: int = 16
                               adaln=True, input_norm=True, split=enc)
     model = ModelConfig(size=size or "debug", dim=None if size else dim,
                         n_layer=None if size else n_layer, n_head=None if size else n_head,
-                        head="flow", order="whole" if cells == 1 else "cell", cell=k,
-                        cond_tokens=0, pos_embed="learned", backbone=backbone,
+                        head="flow", order=OrderConfig("whole" if cells == 1 else "cell", cell=k),
+                        class_condition=ClassConditionConfig(tokens=0), pos_embed="learned", backbone=backbone,
                         token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     model.validate()
     classes = rows - 1  # xAR's table always ends with the null row (1001 rows, whatever class_num)
@@ -256,8 +259,8 @@ def convert_xar(cfg: XARConvertConfig, reuse: bool = False) -> Path:
     check_derived(model, dropped, str(path))
     out = save_weights(cfg.out, model.state_dict(), GENERATOR_KIND, to_yaml(spec),
                        extra={"source": json.dumps(source)})
-    log.info(f"{path.name} ({entry}) -> {out}: {_describe(spec)}, {spec.model.order} "
-             f"{spec.model.cell}x{spec.model.cell} cells on {spec.grid_h}x{spec.grid_w} latents of "
+    log.info(f"{path.name} ({entry}) -> {out}: {_describe(spec)}, {spec.model.order.name} "
+             f"{spec.model.order.cell}x{spec.model.order.cell} cells on {spec.grid_h}x{spec.grid_w} latents of "
              f"{spec.latent_channels} channels, {spec.num_classes} classes")
     return out
 

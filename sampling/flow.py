@@ -1,13 +1,13 @@
-"""Flow-matching generation (xAR): every step of the order is a group of latents integrated
-from noise (t = 1) to data (t = 0) by the model's velocity field, conditioned on the clean
-groups of the earlier steps through the KV cache.
+"""Flow-matching sampling (xAR): every step of the order is a group of latents integrated from
+noise (t = 1) to data (t = 0) by the model's velocity field, conditioned on the clean groups of
+the earlier steps through the KV cache.
 
-    prefill(condition rows) -> for each step s of the order:
+    for each step s of the order:
         x ~ N(0, I) (B, G, C); for k in 0..N-1: v = model(x, t_k) -> x <- x + ... (ODE | SDE)
         the finished group is fed again, clean (t = 0), with the first call of step s + 1: its
         keys/values then stay in the cache; the noisy group's entries are overwritten
 
-Samplers (xAR `models/sampler.py` and `models/xar.py`; facts checked against the fixture):
+Integrators (xAR `models/sampler.py` and `models/xar.py`; facts checked against the fixture):
     sde  Euler-Maruyama (xAR's default): t_k = linspace(1, 0.04, N), then 0. With the score
          s = (-(1 - t) v - x) / t and diffusion 2t, the drift is d = v - t s, guided by CFG;
          x <- x + d (t_{k+1} - t_k) + sqrt(2 t_k) sqrt(|t_{k+1} - t_k|) eps_k, and the last
@@ -15,7 +15,7 @@ Samplers (xAR `models/sampler.py` and `models/xar.py`; facts checked against the
     ode  Euler: t_k = linspace(1, 0, N + 1), x <- x + (t_{k+1} - t_k) v_guided. N calls.
 The state is float64 (as xAR keeps it), the network gets float32 inputs. CFG doubles the rows
 (conditional first) at every call, including unguided steps, so the null rows' clean context is
-in the cache when a later step guides; at scale 1 the conditional result is used as it is.
+in the cache when a later step guides; at scale 1 the conditional result is used as it is (xAR).
 The scale of step s comes from `sampling.guidance` (xAR: `linear_full`, constant inside a step).
 
 Noise is keyed by image id, step and draw (`sampling.noise.normal_elements`), so an image does
@@ -30,11 +30,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ar.conditioning import ClassCondition
+from ar.logits import guide
 from sampling import noise
-from sampling.guidance import scale_at, uses_cfg
+from sampling.context import SamplingContext, open_context
+from sampling.settings import FLOW_SAMPLERS
 
-FLOW_SAMPLERS = ("sde", "ode")
 SDE_T_MIN = 0.04  # xAR's last SDE time before the final deterministic step
 
 
@@ -49,10 +49,10 @@ def time_grid(sampler: str, steps: int) -> list[float]:
     raise ValueError(f"sampling.flow_sampler={sampler!r}; choose one of {FLOW_SAMPLERS}")
 
 
-def keyed_noise(seed: int, image_ids: torch.Tensor, order) -> Callable:
+def keyed_noise(ctx: SamplingContext) -> Callable:
     """The default noise source: N(0, I) keyed by (seed, image id, element, draw)."""
-    keys = noise.image_keys(seed, image_ids, noise.STREAM_FLOW)
-    elements = torch.arange(order.num_tokens, device=image_ids.device)
+    keys, order = ctx.keys(noise.STREAM_FLOW), ctx.model.order
+    elements = torch.arange(order.num_tokens, device=ctx.device)
 
     def draw(step: int, k: int, shape) -> torch.Tensor:
         lo, hi = order.span(step)
@@ -65,38 +65,30 @@ class _Velocity:
     """Calls the model on one step's latents at flow time t; the first call of a step also
     feeds the previous step's clean latents (t = 0) so that they enter the KV cache."""
 
-    def __init__(self, model, rows: ClassCondition, extend_fn: Callable, vector):
-        self.model, self.rows, self.extend_fn, self.vector = model, rows, extend_fn, vector
+    def __init__(self, ctx: SamplingContext):
+        self.ctx = ctx
         self.context = None  # (clean latents (R, G', C), their positions (G',)) or None
 
     def __call__(self, x: torch.Tensor, t: float, positions: torch.Tensor) -> torch.Tensor:
-        model, R = self.model, len(self.rows)
+        ctx, model = self.ctx, self.ctx.model
         latents = x.float()
-        if latents.shape[0] != R:  # CFG: both halves of the rows see the same latents
+        if latents.shape[0] != len(ctx.rows):  # CFG: both halves of the rows see the same latents
             latents = torch.cat([latents, latents])
-        times = torch.full((R, 1), t, dtype=torch.float64, device=x.device)
-        fed = model.inputs.embed(latents, self.vector)  # (R, G, D)
-        index = None
+        groups = [(latents, positions, t)]
         if self.context is not None:
-            clean, clean_pos = self.context
-            fed = torch.cat([model.inputs.embed(clean, self.vector), fed], dim=1)
-            positions = torch.cat([clean_pos, positions])
-            times = torch.cat([torch.zeros_like(times), times], dim=1)  # (R, 2)
-            index = torch.repeat_interleave(torch.arange(2, device=x.device),
-                                            torch.tensor([len(clean_pos), latents.shape[1]],
-                                                         device=x.device))
+            groups.insert(0, (*self.context, 0.0))
             self.context = None
-        h = self.extend_fn(model, fed, positions, (model.ada_vectors(self.rows, times), index))
+        fed, fed_positions, ada = model.timed_inputs(groups, ctx.vector, ctx.rows)
+        h = ctx.extend_fn(model, fed, fed_positions, ada)
         return model.head.velocity(h[:, h.shape[1] - latents.shape[1]:])  # (R, G, C) float32
 
 
 def _guided(values: torch.Tensor, scale) -> torch.Tensor:
-    """CFG over rows (conditional first): uncond + scale (cond - uncond); scale 1 or None
-    keeps the conditional rows as they are."""
-    if scale is None:
-        return values
-    cond, uncond = values.chunk(2)
-    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
+    """CFG over rows (conditional first); an unguided step (scale 1) keeps the conditional
+    rows as they are, as xAR does."""
+    if scale == 1.0:
+        return values.chunk(2)[0]
+    return guide(values, scale)
 
 
 def integrate(velocity: Callable, x: torch.Tensor, sampler: str, steps: int, scale,
@@ -121,32 +113,30 @@ def integrate(velocity: Callable, x: torch.Tensor, sampler: str, steps: int, sca
 
 
 @torch.no_grad()
-def generate_flow(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int, settings,
-                  extend_fn: Callable | None = None, progress: bool = False,
-                  noise_source: Callable | None = None) -> torch.Tensor:
-    """Sample latent grids (B, C, h, w) (scaled latents, as the model was trained on) for the
-    conditions `cond` (B); image_ids (B,) key the noise."""
-    from sampling.generate import extend  # the plain (uncompiled) extend
-
-    order, inputs = model.order, model.inputs
-    device = cond.device
-    guided = uses_cfg(settings)
-    rows = cond.with_null(model.cond.null) if guided else cond
-    draw = noise_source or keyed_noise(seed, image_ids.to(device), order)
-    model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
-    _, vector = model.prefill(rows)
-    velocity = _Velocity(model, rows, extend_fn or extend, vector)
-    channels = model.head.channels
-    seq = torch.empty(len(cond), order.num_tokens, channels, device=device)
-    for s in tqdm(range(order.num_steps), desc="steps", leave=False, disable=not progress):
+def flow_loop(ctx: SamplingContext, noise_source: Callable | None = None) -> torch.Tensor:
+    """Latent grids (B, C, h, w) (scaled latents, as the model was trained on) for the
+    context's conditions."""
+    model, settings = ctx.model, ctx.settings
+    order, B, channels = model.order, len(ctx.cond), model.head.channels
+    draw = noise_source or keyed_noise(ctx)
+    velocity = _Velocity(ctx)
+    seq = torch.empty(B, order.num_tokens, channels, device=ctx.device)
+    for s in tqdm(range(order.num_steps), desc="steps", leave=False, disable=not ctx.progress):
         lo, hi = order.span(s)
-        positions = inputs.out_positions[lo:hi]
-        scale = scale_at(settings, s, order.num_steps) if guided else None
-        shape = (len(cond), hi - lo, channels)
-        x = draw(s, 0, shape).to(device, torch.float64)
+        positions = model.inputs.out_positions[lo:hi]
+        shape = (B, hi - lo, channels)
+        x = draw(s, 0, shape).to(ctx.device, torch.float64)
         x = integrate(lambda x, t: velocity(x, t, positions), x, settings.flow_sampler,
-                      settings.flow_steps, scale, lambda k: draw(s, k + 1, shape))
+                      settings.flow_steps, ctx.scale(s), lambda k: draw(s, k + 1, shape))
         seq[:, lo:hi] = x.float()
         clean = seq[:, lo:hi]
-        velocity.context = (torch.cat([clean, clean]) if guided else clean, positions)
+        velocity.context = (torch.cat([clean] * ctx.copies), positions)
     return order.to_grid(seq)
+
+
+def generate_flow(model, cond, image_ids: torch.Tensor, seed: int, settings,
+                  extend_fn: Callable | None = None, progress: bool = False,
+                  noise_source: Callable | None = None) -> torch.Tensor:
+    """flow_loop over a fresh context (the parity tests' entry, with xAR's recorded noise)."""
+    ctx = open_context(model, cond, image_ids, seed, settings, extend_fn, progress=progress)
+    return flow_loop(ctx, noise_source)

@@ -1,92 +1,108 @@
-"""Generation as free functions over a model (gpt-fast's pattern): one loop for every order.
+"""Generation as free functions over a model (gpt-fast's pattern), one registry of samplers.
 
-    prefill(condition rows) -> for each step s of the order:
-        inputs of step s --extend--> hidden states --head--> the step's tokens (B, G)
+Every sampler runs over one `SamplingContext` (sampling/context.py: the guided rows and their
+null, the KV cache and the prefill, the condition's vectors, step scales, noise keys) and keeps
+only its loop:
 
-The model's static KV cache is its only mutable inference state. Classifier-free guidance
-doubles the batch (conditional rows first, null-condition rows second), both halves are fed
-the same tokens, and the scale of each step comes from `sampling.guidance`. Noise comes from
-`sampling.noise`, keyed by each image's global index and each element's sequence index, so an
-image does not depend on the batch it was generated in or on the number of processes.
-Positions live on the device: the loop never syncs with the host.
+    plain     one forward pass per step: the head draws the step's tokens   sampling/plain.py
+    flow      one integration per step (sde | ode, sampling.flow_sampler)    sampling/flow.py
+    sjd       speculative Jacobi decoding: drafts verified by the lossless
+              rule of SJD                                                   sampling/speculative.py
+    coupled   ... with drafts and draws coupled (lossless, more accepted)   sampling/speculative.py
+    gsd       ... grouped acceptance (lossy, faster)                         sampling/speculative.py
+
+An entry says what it needs from the model (a head that draws tokens, inputs that feed a window
+of drafts) and refuses a model without it, by name. `sampler=plain` on a model whose inputs
+integrate (flow) is the flow sampler: one step of the order at a time, each integrated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, List
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
-from tqdm import tqdm
 
-from ar.conditioning import ClassCondition
-from common.config import ConfigError, check_fields
-from sampling import noise
-from sampling.flow import FLOW_SAMPLERS, generate_flow
-from sampling.guidance import CFG_SCHEDULES, scale_at, uses_cfg
-
-
-@dataclass
-class SamplingConfig:
-    cfg_scale: float = 1.0  # classifier-free guidance, uncond + scale * (cond - uncond): on whenever != 1 (1 = off, no doubled batch; 0 = unconditional samples); LlamaGen's rule (> 1): sampling/guidance.py
-    cfg_schedule: str = "constant"  # constant | linear | linear_full | power | cosine | half_linear: the scale over the steps (sampling/guidance.py)
-    cfg_power: float = 1.0  # cfg_schedule=power: the exponent of the ramp
-    cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only steps with lo <= step/steps < hi
-    temperature: float = 1.0  # softmax temperature; 0 = greedy
-    top_k: int = 0  # keep the k most likely tokens; 0 = all
-    top_p: float = 1.0  # nucleus sampling mass; 1.0 = all
-    flow_sampler: str = "sde"  # flow models: sde (Euler-Maruyama, xAR's default) | ode (Euler)
-    flow_steps: int = 40  # flow models: network calls per step of the order (xAR-B: 40, L/H: 50)
-
-    def validate(self) -> None:
-        check_fields(self, "sampling.", {"cfg_scale": ">= 0", "cfg_schedule": CFG_SCHEDULES,
-                                         "cfg_power": "> 0", "temperature": ">= 0",
-                                         "top_k": ">= 0", "top_p": "(0, 1]",
-                                         "flow_sampler": FLOW_SAMPLERS, "flow_steps": ">= 1"})
-        lo_hi = self.cfg_interval
-        if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
-            raise ConfigError(f"sampling.cfg_interval={lo_hi} is out of range: it must be "
-                              f"[lo, hi] with 0 <= lo < hi <= 1")
+from sampling.context import open_context
+from sampling.flow import flow_loop
+from sampling.plain import plain_loop
+from sampling.settings import SamplingConfig
+from sampling.speculative import SpeculativeConfig, SpeculativeStats, speculative_loop
 
 
-def extend(model, x: torch.Tensor, positions: torch.Tensor, ada=None) -> torch.Tensor:
-    return model.extend(x, positions, ada)
+@dataclass(frozen=True)
+class Sampler:
+    loop: Callable  # (SamplingContext) -> codes, or (codes, SpeculativeStats)
+    integrates: bool = False  # for models whose inputs integrate each step (flow), not draw it
+    window: bool = False  # verifies a window of drafted steps in one pass
+    counts_passes: bool = False  # the loop returns its own cost (speculative samplers)
+    note: str = ""  # why a model it does not fit cannot use it
 
 
-def compiled_extend() -> Callable:
-    """extend compiled for CUDA graphs: static shapes make every step replayable."""
-    return torch.compile(extend, mode="reduce-overhead", fullgraph=True)
+def _cost(model, B: int) -> SpeculativeStats:
+    """What plain sampling costs: one pass per step (after the prefill)."""
+    passes = plain_passes(model)
+    return SpeculativeStats(images=B, steps=B * model.order.num_steps, tokens=B * model.order.num_tokens,
+                            passes=B * passes, batch_passes=passes)
+
+
+_SPECULATIVE = ("speculative decoding drafts and verifies discrete tokens; this flow model "
+                "integrates each step's latents, so use sampler=plain")
+SAMPLERS = {
+    "plain": Sampler(plain_loop),
+    "flow": Sampler(flow_loop, integrates=True),
+    "sjd": Sampler(partial(speculative_loop, rule="sjd"), window=True, counts_passes=True, note=_SPECULATIVE),
+    "coupled": Sampler(partial(speculative_loop, rule="coupled"), window=True, counts_passes=True,
+                       note=_SPECULATIVE),
+    "gsd": Sampler(partial(speculative_loop, rule="gsd"), window=True, counts_passes=True, note=_SPECULATIVE),
+}
+
+
+def sampler_for(name: str, model) -> Sampler:
+    """The registry entry, checked against the model (a named error where it does not fit)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r}; choose one of {tuple(SAMPLERS)}")
+    if name == "plain" and model.inputs.integrates:
+        name = "flow"  # plain: a step at a time; a flow model's step is integrated
+    entry = SAMPLERS[name]
+    if entry.integrates != model.inputs.integrates:
+        why = entry.note or ("it integrates latents" if entry.integrates else "it draws discrete tokens")
+        raise ValueError(f"sampler={name}: {why}; this model's inputs ({model.inputs.kind}) do not fit")
+    if entry.window and not model.inputs.supports_window:
+        raise ValueError(f"sampler={name}: a {model.inputs.kind} model feeds each step from "
+                         f"the whole previous step (next-scale: the previous scales' sum; "
+                         f"shuffle: its tokens fused), so a window of drafts cannot be verified "
+                         f"in one pass; use sampler=plain")
+    return entry
+
+
+def check_supported(model, sampler: str) -> None:
+    sampler_for(sampler, model)
+
+
+def plain_passes(model) -> int:
+    """Forward passes plain sampling runs per image after the prefill (discrete models): one
+    per step, but the first step of inputs whose prefill predicts it comes with the prefill."""
+    return model.order.num_steps - (1 if model.inputs.prefill_predicts_first else 0)
 
 
 @torch.no_grad()
-def generate(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
-             settings: SamplingConfig, extend_fn: Callable | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Sample code grids (B, h, w) for the conditions `cond` (B); image_ids (B,) key the noise.
-    Flow models integrate each step instead (`sampling.flow`) and give latents (B, C, h, w)."""
-    if model.head.continuous:
-        return generate_flow(model, cond, image_ids, seed, settings, extend_fn, progress)
-    order, inputs = model.order, model.inputs
-    device = cond.device
-    guided = uses_cfg(settings)
-    rows = cond.with_null(model.cond.null) if guided else cond
-    extend_fn = extend_fn or extend
-    keys = noise.image_keys(seed, image_ids.to(device))
-    elements = torch.arange(order.num_tokens, device=device)  # noise counters: sequence indices
-    # every row's tokens; the unconditional CFG rows are fed the same (guided) tokens
-    seq = torch.zeros(len(rows), order.num_tokens, dtype=torch.long, device=device)  # (R, N)
-    copies = len(rows) // len(cond)
+def sample_codes(model, cond, image_ids: torch.Tensor, seed: int, settings: SamplingConfig,
+                 sampler: str = "plain", options: SpeculativeConfig | None = None,
+                 extend_fn=None, progress: bool = False) -> tuple[torch.Tensor, SpeculativeStats | None]:
+    """Codes (or latents) for the conditions with the chosen sampler, and what they cost in
+    forward passes (None for models whose steps integrate many passes)."""
+    entry = sampler_for(sampler, model)
+    ctx = open_context(model, cond, image_ids, seed, settings, extend_fn, options, progress)
+    out = entry.loop(ctx)
+    if entry.counts_passes:
+        return out
+    return out, (None if entry.integrates else _cost(model, len(cond)))
 
-    model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
-    h, vector = model.prefill(rows)  # (R, P, D)
-    ada = model.modulation(rows)  # adaLN models: the class vector of every row; else None
-    for s in tqdm(range(order.num_steps), desc="steps", leave=False, disable=not progress):
-        fed = inputs.step(model, s, seq, vector, len(rows))
-        if fed is not None:
-            h = extend_fn(model, *fed, ada)  # (R, T, D)
-        lo, hi = order.span(s)
-        scale = scale_at(settings, s, order.num_steps) if guided else None
-        uniform = noise.uniform_elements(keys, elements[lo:hi], model.head.vocab_size)
-        tokens = model.head.draw(inputs.draw_states(h, hi - lo), scale, settings, uniform)  # (B, G)
-        seq[:, lo:hi] = tokens.repeat(copies, 1)
-    return order.to_grid(seq[:len(cond)])
+
+def generate(model, cond, image_ids: torch.Tensor, seed: int, settings: SamplingConfig,
+             extend_fn: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """Sample code grids (B, h, w) for the conditions `cond` (B), one step at a time (flow
+    models: latents (B, C, h, w)); image_ids (B,) key the noise."""
+    return sample_codes(model, cond, image_ids, seed, settings, "plain", None, extend_fn, progress)[0]

@@ -26,18 +26,19 @@ import torch
 from tqdm import tqdm
 
 from ar.checkpoint import load_generator
-from ar.model import tokenizer_kind
+from ar.config import tokenizer_kind
 from common import dist, precision
 from common.config import ConfigError, check_fields
 from common.io import DiskFullError, atomic_write_text, sha256_file
 from common.precision import PRECISIONS
 from sampling import noise
-from sampling.generate import SamplingConfig, compiled_extend
+from sampling.context import compiled_extend
+from sampling.settings import SamplingConfig
 from sampling.outputs import (decode_codes, npz_done, pack_npz, read_shard_cost, save_grid,
                               shard_done, write_shard)
-from sampling.prompts import grid_rows, read_prompts, text_encoder_for
-from sampling.speculative import (SAMPLERS, SpeculativeConfig, SpeculativeStats, check_supported,
-                                  plain_passes, sample_codes)
+from sampling.prompts import read_prompts
+from sampling.generate import SAMPLERS, check_supported, plain_passes, sample_codes
+from sampling.speculative import SpeculativeConfig, SpeculativeStats
 
 
 @dataclass
@@ -69,7 +70,7 @@ class SampleRunConfig:
                                 "labels": ("balanced", "random"), "per_class": ">= 1",
                                 "batch_size": ">= 1", "shard_size": ">= 1",
                                 "device": ("auto", "cpu", "cuda"),
-                                "precision": PRECISIONS, "sampler": SAMPLERS})
+                                "precision": PRECISIONS, "sampler": tuple(SAMPLERS)})
         self.speculative.validate()
         if self.classes is not None:
             self.check_classes()
@@ -163,23 +164,11 @@ def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_rows: int) -> torc
 
 
 def condition_table(cfg: SampleRunConfig, model, device: torch.device, log):
-    """(conditions, names): what images are drawn for, a row each. Grid mode: the prompts, or
-    `classes`; images mode: the prompts, or every class."""
-    prompts = cfg.prompt_list()
-    text = model.spec.text.kind
-    if text and cfg.classes is not None:
-        raise ValueError(f"classes={cfg.classes}: this generator is text-to-image, it has no "
-                         f"classes; give prompt=\"...\" or prompts=FILE instead")
-    encoder = None
-    if text == "features" and prompts:
-        encoder = text_encoder_for(model.spec, cfg.text_encoder, log)
-    classes = cfg.classes if cfg.mode == "grid" else list(range(model.spec.num_classes))
-    table = grid_rows(model, classes, prompts, device, encoder)
-    if text and "" in prompts:  # allowed: the only way to unconditional samples of a text model
-        log.warning('prompt "" is the empty caption, the null condition: these are unconditional '
-                    'samples (what the generator learned from the captions train.cond_dropout '
-                    'dropped), and guidance has no effect on them')
-    return table
+    """(conditions, names): what images are drawn for, a row each, as the model's condition
+    entry reads them (ar/conditioning). Grid mode: the prompts, or `classes`; images mode: the
+    prompts, or every class."""
+    rows = model.cond.grid_rows if cfg.mode == "grid" else model.cond.all_rows
+    return rows(cfg.classes, cfg.prompt_list(), device, log=log, text_encoder=cfg.text_encoder)
 
 
 def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, log) -> None:
@@ -195,8 +184,7 @@ def sample_grid(cfg: SampleRunConfig, model, tokenizer, device: torch.device, lo
     images = decode_codes(tokenizer, torch.cat(codes))
     written = save_grid(images, cfg.per_class, cfg.out, names)
     done = "wrote" if written else "kept (the same grid, byte for byte)"
-    what = "prompts" if model.spec.text.kind else "classes"
-    log.info(f"{done} {cfg.out} ({len(names)} {what} x {cfg.per_class}){cost_line(cfg, model, cost)}")
+    log.info(f"{done} {cfg.out} ({len(names)} {model.cond.rows_name} x {cfg.per_class}){cost_line(cfg, model, cost)}")
 
 
 def cost_line(cfg: SampleRunConfig, model, cost: SpeculativeStats) -> str:
@@ -291,7 +279,7 @@ def sample_images(cfg: SampleRunConfig, model, tokenizer, info: dist.DistInfo, l
     if info.is_main:
         write_sampler_record(cfg, model, out, num_shards, log)
     if info.is_main and cfg.npz:
-        prompts = names if model.spec.text.kind else None
+        prompts = names if model.cond.rows_name == "prompts" else None
         count, shape = pack_npz(out, num_shards, out / "samples.npz", expected=n, prompts=prompts)
         log.info(f"wrote {out / 'samples.npz'}: {count} images of {shape}")
 

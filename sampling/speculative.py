@@ -1,7 +1,7 @@
 """Speculative Jacobi decoding over any discrete order: the model drafts a window of future
 steps for itself and one forward pass verifies them all against the KV cache.
 
-    prefill(condition rows); draft the first window (random codes, or the token above)
+    draft the first window (random codes, or the token above)
     repeat until every row has all its steps:
         feed the inputs that predict the window's W steps of each row (one `model.extend`,
         each row at its own positions), giving the target p of every slot
@@ -31,14 +31,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from ar.conditioning import ClassCondition
 from common.config import check_fields
 from sampling import noise
-from sampling.generate import extend, generate
-from sampling.guidance import step_scales, uses_cfg
-from sampling.verify import RULES, verify
+from sampling.context import SamplingContext
+from sampling.verify import verify
 
-SAMPLERS = ("plain", *RULES)
 INITS = ("random", "above")
 
 
@@ -57,7 +54,7 @@ class SpeculativeConfig:
 
 @dataclass
 class SpeculativeStats:
-    """What a speculative run cost: summed over the images it made."""
+    """What a run cost: summed over the images it made."""
 
     images: int = 0
     steps: int = 0  # steps of the order generated (plain sampling makes one per forward pass)
@@ -82,115 +79,78 @@ class SpeculativeStats:
                 "mean_accepted_length": round(self.tokens / max(self.passes, 1), 3)}
 
 
-def plain_passes(model) -> int:
-    """Forward passes plain sampling runs per image after the prefill (discrete models): one
-    per step, but next-token's first token comes from the prefill itself."""
-    return model.order.num_steps - (1 if model.inputs.kind == "next_token" else 0)
+class _Window:
+    """Every row's window of T = W x G slots over its sequence, and the bookkeeping of a pass."""
 
+    def __init__(self, ctx: SamplingContext, spec: SpeculativeConfig):
+        order, device = ctx.model.order, ctx.device
+        self.B, self.G = len(ctx.cond), order.group_size
+        self.S, self.N = order.num_steps, order.num_tokens
+        self.W = min(spec.window, self.S)
+        self.T = self.W * self.G
+        self.slots = torch.arange(self.T, device=device)
+        self.done = torch.zeros(self.B, dtype=torch.long, device=device)  # committed steps per row
+        self.passes = torch.zeros(self.B, dtype=torch.long, device=device)
 
-def sample_codes(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int, settings,
-                 sampler: str = "plain", spec: SpeculativeConfig | None = None,
-                 extend_fn=None) -> tuple[torch.Tensor, SpeculativeStats | None]:
-    """Codes (or latents) for the conditions with the chosen sampler, and what they cost in
-    forward passes (None for continuous models, whose steps integrate many passes)."""
-    if sampler != "plain":
-        return generate_speculative(model, cond, image_ids, seed, settings, sampler,
-                                    spec or SpeculativeConfig(), extend_fn)
-    codes = generate(model, cond, image_ids, seed, settings, extend_fn)
-    if model.head.continuous:
-        return codes, None
-    B, passes = len(cond), plain_passes(model)
-    return codes, SpeculativeStats(images=B, steps=B * model.order.num_steps,
-                                   tokens=B * model.order.num_tokens, passes=B * passes,
-                                   batch_passes=passes)
+    def elements(self) -> torch.Tensor:
+        """(B, T) the window's sequence elements, possibly past the end."""
+        return self.done[:, None] * self.G + self.slots
 
-
-def check_supported(model, sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}; choose one of {SAMPLERS}")
-    if sampler == "plain":
-        return
-    if model.head.continuous:
-        raise ValueError(f"sampler={sampler}: speculative decoding drafts and verifies discrete "
-                         f"tokens; this flow model integrates each step's latents, so use "
-                         f"sampler=plain")
-    if not hasattr(model.inputs, "elements"):
-        raise ValueError(f"sampler={sampler}: a {model.inputs.kind} model feeds each step from "
-                         f"the whole previous step (next-scale: the previous scales' sum; "
-                         f"shuffle: its tokens fused), so a window of drafts cannot be verified "
-                         f"in one pass; use sampler=plain")
+    def advance(self, accepted: torch.Tensor) -> torch.Tensor:
+        """(B,) steps committed in this pass: the leading accepted steps, then the first
+        rejected one (0 for finished rows)."""
+        B, W, G = self.B, self.W, self.G
+        left = (self.S - self.done).clamp(max=W)  # (B,) steps the window really holds
+        step_ok = accepted.view(B, W, G).all(-1) & (torch.arange(W, device=left.device) < left[:, None])
+        lead = step_ok.long().cumprod(-1).sum(-1)
+        return torch.where(lead < left, lead + 1, left)
 
 
 @torch.no_grad()
-def generate_speculative(model, cond: ClassCondition, image_ids: torch.Tensor, seed: int,
-                         settings, sampler: str, spec: SpeculativeConfig,
-                         extend_fn=None) -> tuple[torch.Tensor, SpeculativeStats]:
-    """Code grids (B, h, w) for the conditions (B), drawn with speculative decoding by `sampler`
-    (sjd | coupled | gsd), and what it cost."""
-    check_supported(model, sampler)
-    order, head = model.order, model.head
-    device = cond.device
-    B, V, G = len(cond), head.vocab_size, order.group_size
-    S, N = order.num_steps, order.num_tokens
-    W = min(spec.window, S)
-    T = W * G
-    guided = uses_cfg(settings)
-    rows = cond.with_null(model.cond.null) if guided else cond
-    copies = len(rows) // B
-    extend_fn = extend_fn or extend
-    keys = noise.image_keys(seed, image_ids.to(device), noise.STREAM_SPECULATIVE)
-    scales = step_scales(settings, S, device) if guided else None  # (S,): as plain sampling's
-    step_of = order.step_of.to(device)
+def speculative_loop(ctx: SamplingContext, rule: str) -> tuple[torch.Tensor, SpeculativeStats]:
+    """Code grids (B, h, w) drawn with speculative decoding by `rule` (sjd | coupled | gsd,
+    sampling/verify.py), and what it cost."""
+    model, spec = ctx.model, ctx.options or SpeculativeConfig()
+    order, head, V = model.order, model.head, model.head.vocab_size
+    win = _Window(ctx, spec)
+    B, T, N, copies = win.B, win.T, win.N, ctx.copies
+    keys = ctx.keys(noise.STREAM_SPECULATIVE)
+    scales, step_of = ctx.scales(), order.step_of.to(ctx.device)  # (S,): as plain sampling's
     group = None
-    if sampler == "gsd":
+    if rule == "gsd":
         group = (model.tok_embeddings.weight, spec.gsd_ranks, spec.gsd_p_threshold, spec.gsd_d_threshold)
     # tokens of every row, committed and drafted, with T spare columns for windows running
     # past the end (their slots are fed the last element's input and never committed)
-    seq = torch.zeros(len(rows), N + T, dtype=torch.long, device=device)
-    above = F.pad(order.above().to(device), (0, T), value=-1)  # (N + T,)
-    slots = torch.arange(T, device=device)
-    done = torch.zeros(B, dtype=torch.long, device=device)  # committed steps per row
-    passes = torch.zeros(B, dtype=torch.long, device=device)
-
-    model.setup_cache(len(rows))  # kept afterwards; model.clear_cache() frees it
-    prefix, vector = model.condition(rows)
-    model.prefill(rows)
-    ada = model.modulation(rows)
-    drafter = _Drafter(spec.init, seq, above, noise.image_keys(seed, image_ids.to(device),
-                                                              noise.STREAM_DRAFTS), V, copies, T)
-    q = drafter(slots[None].expand(B, -1), torch.ones(B, T, dtype=torch.bool, device=device), passes)
-    while bool((done < S).any()):  # one host sync per forward pass
-        active = done < S
-        elements = done[:, None] * G + slots  # (B, T) the window, possibly past the end
+    seq = torch.zeros(len(ctx.rows), N + T, dtype=torch.long, device=ctx.device)
+    above = F.pad(order.above().to(ctx.device), (0, T), value=-1)  # (N + T,)
+    drafter = _Drafter(spec.init, seq, above, ctx.keys(noise.STREAM_DRAFTS), V, copies, T)
+    q = drafter(win.slots[None].expand(B, -1), torch.ones(B, T, dtype=torch.bool, device=ctx.device), win.passes)
+    while bool((win.done < win.S).any()):  # one host sync per forward pass
+        active = win.done < win.S
+        elements = win.elements()  # (B, T)
         fed = elements.clamp(max=N - 1)  # what the window's slots feed
-        x, pos = model.inputs.elements(model, fed.repeat(copies, 1), seq[:, :N], vector, prefix)
-        h = extend_fn(model, x, pos, ada)  # (R, T, D)
-        scale = scales[step_of[fed]][..., None] if guided else None  # (B, T, 1)
-        p = head.probs(h, scale, settings)  # (B, T, V)
+        x, pos = model.inputs.elements(model, fed.repeat(copies, 1), seq[:, :N], ctx.vector, ctx.prefix)
+        h = ctx.extend_fn(model, x, pos, ctx.ada)  # (R, T, D)
+        scale = scales[step_of[fed]][..., None] if scales is not None else None  # (B, T, 1)
+        p = head.probs(h, scale, ctx.settings)  # (B, T, V)
         drafts = seq[:B].gather(1, elements)
-        draws = noise.uniform_elements(noise.mix(keys, passes), elements, V + 1)  # (B, T, V + 1)
-        accepted, committed, redrawn, q_next = verify(sampler, p, q, drafts, draws[..., V],
+        draws = noise.uniform_elements(noise.mix(keys, win.passes), elements, V + 1)  # (B, T, V + 1)
+        accepted, committed, redrawn, q_next = verify(rule, p, q, drafts, draws[..., V],
                                                       draws[..., :V], group)
-
-        # steps of the window: the leading accepted ones are committed, then the first rejected
-        left = (S - done).clamp(max=W)  # (B,) steps the window really holds (0: finished)
-        step_ok = accepted.view(B, W, G).all(-1) & (torch.arange(W, device=device) < left[:, None])
-        lead = step_ok.long().cumprod(-1).sum(-1)
-        advance = torch.where(lead < left, lead + 1, left)  # (B,) steps committed in this pass
-        keep = slots[None] < advance[:, None] * G  # (B, T)
+        advance = win.advance(accepted)
+        keep = win.slots[None] < advance[:, None] * win.G  # (B, T)
         tokens = torch.where(keep, committed, redrawn)
         seq.scatter_(1, elements.repeat(copies, 1), tokens.repeat(copies, 1))
-
         # move each window past its committed steps: later slots keep their element (and the
         # q the rule gives them), the freed slots at the end get fresh drafts
-        source = slots[None] + advance[:, None] * G  # (B, T) the old slot of each new slot
+        source = win.slots[None] + advance[:, None] * win.G  # (B, T) the old slot of each new slot
         q = q_next.gather(1, source.clamp(max=T - 1)[..., None].expand(-1, -1, V))
-        done = done + advance
-        passes = passes + active.long()
+        win.done = win.done + advance
+        win.passes = win.passes + active.long()
         new = source >= T
-        q = torch.where(new[..., None], drafter(done[:, None] * G + slots, new, passes), q)
-    stats = SpeculativeStats(images=B, steps=B * S, tokens=B * N, passes=int(passes.sum()),
-                             batch_passes=int(passes.max()))
+        q = torch.where(new[..., None], drafter(win.elements(), new, win.passes), q)
+    stats = SpeculativeStats(images=B, steps=B * win.S, tokens=B * N, passes=int(win.passes.sum()),
+                             batch_passes=int(win.passes.max()))
     return order.to_grid(seq[:B, :N]), stats
 
 

@@ -14,16 +14,32 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "llamagen"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ar.model import ARModel, GeneratorSpec, ModelConfig, TextSpec  # noqa: E402
+from ar.conditioning import TextSpec  # noqa: E402
+from ar.config import GeneratorSpec, ModelConfig  # noqa: E402
+from ar.model import ARModel  # noqa: E402
 
 # keep subprocess-based tests (torchrun) from oversubscribing the 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def model_config(**kw) -> ModelConfig:
+    """A ModelConfig from keywords, the flat keys of earlier versions (order="cell", cell=2,
+    cond_tokens=0, ...) read as a config file's are."""
+    import dataclasses
+    import typing
+
+    ModelConfig.upgrade_legacy(kw)
+    hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        if isinstance(kw.get(f.name), dict):
+            kw[f.name] = hints[f.name](**kw[f.name])
+    return ModelConfig(**kw)
+
+
 def tiny_spec(vocab: int = 32, grid: int = 4, classes: int = 3, **model_kw) -> GeneratorSpec:
     kw = dict(size="debug", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     kw.update(model_kw)
-    return GeneratorSpec(model=ModelConfig(**kw), vocab_size=vocab, grid_h=grid, grid_w=grid,
+    return GeneratorSpec(model=model_config(**kw), vocab_size=vocab, grid_h=grid, grid_w=grid,
                          num_classes=classes, class_names=[f"c{i}" for i in range(classes)],
                          resolution=grid * 4)
 

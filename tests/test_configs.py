@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from ar.model import ARModel, GeneratorSpec
+from ar.config import GeneratorSpec
+from ar.model import ARModel
 from train_gen import RunConfig
 from common.config import load_config
 from conftest import ROOT
@@ -45,7 +46,7 @@ XAR = {"xAR-B.yaml": 172_638_224, "xAR-L.yaml": 608_397_968, "xAR-H.yaml": 1_186
 
 @pytest.mark.parametrize("name", sorted(XAR))
 def test_xar_configs_follow_xar_and_build_its_architecture(name):
-    from ar.optim import lr_at
+    from common.schedule import lr_at
     from train_gen import warmup_of
 
     cfg = load_config(RunConfig, [str(ROOT / "configs" / "imagenet256" / name)])

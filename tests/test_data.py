@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ar.conditioning.label import LabelSource
 from ar.data import BatchStream, CodeCache
 from conftest import make_code_cache
 
@@ -21,9 +22,9 @@ def test_cache_reads_codes_variants_and_labels_across_shards(tmp_path):
 
 def test_stream_is_deterministic_and_splits_cleanly_over_ranks(tmp_path):
     cache = CodeCache(make_code_cache(tmp_path / "c", n=48))
-    stream = BatchStream(cache, seed=3, cond_dropout=0.25)
+    stream = BatchStream(cache, seed=3, cond_dropout=0.25, source=LabelSource(cache))
     codes, cond = stream.batch(40, 16)  # crosses the epoch boundary at 48
-    again = BatchStream(cache, seed=3, cond_dropout=0.25).batch(40, 16)
+    again = BatchStream(cache, seed=3, cond_dropout=0.25, source=LabelSource(cache)).batch(40, 16)
     assert torch.equal(codes, again[0]) and torch.equal(cond.labels, again[1].labels)
     # two ranks taking 8 each see exactly the global batch
     halves = [stream.batch(40 + r * 8, 8) for r in range(2)]
@@ -36,10 +37,10 @@ def test_stream_is_deterministic_and_splits_cleanly_over_ranks(tmp_path):
 
 def test_condition_dropout_uses_the_null_class(tmp_path):
     cache = CodeCache(make_code_cache(tmp_path / "c", n=48))
-    _, cond = BatchStream(cache, seed=0, cond_dropout=0.5).batch(0, 480)
+    _, cond = BatchStream(cache, seed=0, cond_dropout=0.5, source=LabelSource(cache)).batch(0, 480)
     null = (cond.labels == 3).float().mean().item()
     assert 0.4 < null < 0.6
-    _, cond = BatchStream(cache, seed=0, cond_dropout=0.0).batch(0, 48)
+    _, cond = BatchStream(cache, seed=0, cond_dropout=0.0, source=LabelSource(cache)).batch(0, 48)
     assert cond.labels.max() < 3
 
 

@@ -196,7 +196,7 @@ def captioned_cache(root: Path) -> Path:
 
 @pytest.mark.parametrize("broken", ["tokens.npy", "lengths.npy", "null.npy", "tokenizer.json"])
 def test_a_broken_caption_file_is_named_and_encode_remakes_it(broken, tmp_path):
-    from ar.data import CaptionCache
+    from ar.conditioning.captions import CaptionCache
 
     cache = captioned_cache(tmp_path)
     whole = {p.name: p.read_bytes() for p in (cache / "text").iterdir()}

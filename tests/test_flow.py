@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from ar.conditioning import ClassCondition
-from ar.model import ARModel, BackboneConfig, GeneratorSpec, ModelConfig
+from ar.config import BackboneConfig, GeneratorSpec
+from ar.model import ARModel
 from common.config import ConfigError
+from conftest import model_config
 from sampling.flow import _Velocity, generate_flow
-from sampling.generate import SamplingConfig, extend
+from sampling.context import open_context
+from sampling.settings import SamplingConfig
 
 ORDERS = [dict(order="cell", cell=2), dict(order="cell", cell=1), dict(order="raster"),
           dict(order="subsample", subsample=2), dict(order="whole")]
@@ -22,7 +25,7 @@ def flow_model(seed: int = 0, channels: int = 4, grid: int = 4, **kw) -> ARModel
     model_kw = dict(size="debug", head="flow", cond_tokens=0, pos_embed="learned", backbone=backbone,
                     token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     model_kw.update(kw)
-    spec = GeneratorSpec(model=ModelConfig(**model_kw), latent_channels=channels, grid_h=grid,
+    spec = GeneratorSpec(model=model_config(**model_kw), latent_channels=channels, grid_h=grid,
                          grid_w=grid, num_classes=3, class_names=["a", "b", "c"], resolution=grid * 4)
     torch.manual_seed(seed)
     model = ARModel(spec).eval()
@@ -42,9 +45,7 @@ def test_cached_velocity_equals_full_forward(order, prefix):
     rows = ClassCondition(torch.tensor([0, 2]))
     clean = torch.randn(B, o.num_tokens, 4)
     noisy = torch.randn(B, o.num_tokens, 4)
-    model.setup_cache(B)
-    _, vector = model.prefill(rows)
-    velocity = _Velocity(model, rows, extend, vector)
+    velocity = _Velocity(open_context(model, rows, torch.arange(B), 0, SamplingConfig()))
     for s in range(o.num_steps):
         lo, hi = o.span(s)
         pos = model.inputs.out_positions[lo:hi]
@@ -99,10 +100,10 @@ def test_sampling_gives_latent_grids_for_every_order():
 
 def test_configs_that_cannot_work_are_named():
     with pytest.raises(ConfigError, match="flow head"):
-        ModelConfig(head="flow", inputs="next_group").validate()
+        model_config(head="flow", inputs="next_group").validate()
     with pytest.raises(ConfigError, match="flow head"):
-        ModelConfig(head="token", inputs="flow").validate()
+        model_config(head="token", inputs="flow").validate()
     with pytest.raises(ConfigError, match="adaln"):
-        ModelConfig(head="flow", cond_tokens=0).validate()
+        model_config(head="flow", cond_tokens=0).validate()
     with pytest.raises(ConfigError, match="split"):
-        ModelConfig(head="flow", backbone=BackboneConfig(split=2)).validate()  # debug: 2 layers
+        model_config(head="flow", backbone=BackboneConfig(split=2)).validate()  # debug: 2 layers

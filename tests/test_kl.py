@@ -206,7 +206,7 @@ def test_a_folder_that_is_not_a_kl_autoencoder_is_named(tmp_path):
 def test_quickstart_config_matches_the_vq_quickstart_grid():
     from common.config import load_config
     from conftest import ROOT
-    from tokenizer.train import KLTokenizerTrainConfig, TokenizerTrainConfig, schema_for
+    from tokenizer.train_config import KLTokenizerTrainConfig, TokenizerTrainConfig, schema_for
 
     path = ROOT / "configs" / "tokenizer" / "kl_quickstart.yaml"
     assert schema_for(["--config", str(path)]) is KLTokenizerTrainConfig

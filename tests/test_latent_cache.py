@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ar.conditioning.label import LabelSource
 from ar.data import BatchStream, CodeCache, LatentCache, open_cache
 from conftest import make_code_cache, make_image_folder
 from dataset.folder import ClassFolderDataset
@@ -136,7 +137,7 @@ def test_latent_cache_reads_moments_across_shards(tmp_path):
 
 def test_stream_samples_scaled_latents_deterministically(tmp_path):
     cache = LatentCache(make_latent_cache(tmp_path / "c", n=20, logvar=-30.0, shift=1.0))
-    stream = BatchStream(cache, seed=3, cond_dropout=0.0)
+    stream = BatchStream(cache, seed=3, cond_dropout=0.0, source=LabelSource(cache))
     latents, cond = stream.batch(15, 10)  # crosses the epoch boundary at 20
     assert latents.shape == (10, 2, 2, 2) and latents.dtype == torch.float32
     indices, variants, _ = stream.plan(15, 10)
@@ -148,9 +149,9 @@ def test_stream_samples_scaled_latents_deterministically(tmp_path):
 
 def test_stream_noise_is_keyed_by_position_not_by_batch_or_rank(tmp_path):
     cache = LatentCache(make_latent_cache(tmp_path / "c", n=20, logvar=0.0))
-    stream = BatchStream(cache, seed=3, cond_dropout=0.25)
+    stream = BatchStream(cache, seed=3, cond_dropout=0.25, source=LabelSource(cache))
     latents, cond = stream.batch(8, 12)
-    again = BatchStream(cache, seed=3, cond_dropout=0.25).batch(8, 12)
+    again = BatchStream(cache, seed=3, cond_dropout=0.25, source=LabelSource(cache)).batch(8, 12)
     assert torch.equal(latents, again[0]) and torch.equal(cond.labels, again[1].labels)
     for world in (2, 3, 4):  # every split of the global batch over ranks gives the same batch
         per = 12 // world
@@ -158,7 +159,7 @@ def test_stream_noise_is_keyed_by_position_not_by_batch_or_rank(tmp_path):
         assert torch.equal(torch.cat([p[0] for p in parts]), latents)
     noise = latents / 0.5 - cache.get(*stream.plan(8, 12)[:2])[:, :2]  # std exp(0)=1: the noise
     assert 0.6 < noise.std().item() < 1.4
-    other = BatchStream(cache, seed=4, cond_dropout=0.25).batch(8, 12)[0]
+    other = BatchStream(cache, seed=4, cond_dropout=0.25, source=LabelSource(cache)).batch(8, 12)[0]
     assert not torch.equal(other, latents)
 
 

@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 
 from ar.checkpoint import load_generator
 from ar.conditioning import ClassCondition
-from ar.model import ARModel, transformer_args
+from ar.config import transformer_args
+from ar.model import ARModel
 from conftest import FIXTURES
 from convert.llamagen import (GPTConvertConfig, VQConvertConfig, argen_to_llamagen, convert_gpt,
                               convert_vq, infer_gpt_spec, infer_vq_config, main)
-from sampling.generate import SamplingConfig, generate
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from tokenizer import load_tokenizer
 from tokenizer.vq import VQConfig, VQModel
 

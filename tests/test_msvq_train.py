@@ -174,7 +174,7 @@ def test_a_resolution_that_does_not_fit_the_schedule_is_named_before_training(tm
 
 
 def test_quickstart_config_selects_the_msvq_schema_and_fits_its_resolution():
-    from tokenizer.train import MSVQTokenizerTrainConfig, schema_for
+    from tokenizer.train_config import MSVQTokenizerTrainConfig, schema_for
 
     path = ROOT / "configs" / "tokenizer" / "msvq_quickstart.yaml"
     assert schema_for(["--config", str(path)]) is MSVQTokenizerTrainConfig

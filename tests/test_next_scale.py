@@ -16,15 +16,17 @@ from safetensors.torch import load_file
 from ar.checkpoint import load_generator
 from ar.conditioning import ClassCondition
 from ar.data import ScaleCodeCache, open_cache
-from ar.model import ARModel, GeneratorSpec, MultiScaleSpec
+from ar.config import GeneratorSpec, MultiScaleSpec
+from ar.model import ARModel
 from ar.orders import ScaleOrder
 from common.config import ConfigError
-from conftest import FIXTURES, cached_logits, make_image_folder
+from conftest import FIXTURES, cached_logits, make_image_folder, model_config
 from convert.var import main
 from convert.var_transformer import (VAR_DERIVED, VAR_KEYS, infer_var_spec, merge_var_tensors,
                                      var_model_config)
 from convert.common import rename
-from sampling.generate import SamplingConfig, generate
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from sampling.guidance import scale_at
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.encode import main as encode
@@ -156,9 +158,7 @@ def test_bad_checkpoints_and_tokenizers_are_named(converted, tmp_path):
 # ------------------------------------------------------------------------- the scale order
 
 def tiny_scale_model(**kw) -> ARModel:
-    from ar.model import ModelConfig
-
-    spec = GeneratorSpec(model=ModelConfig(size="debug", order="scale", **kw), vocab_size=16,
+    spec = GeneratorSpec(model=model_config(size="debug", order="scale", **kw), vocab_size=16,
                          multiscale=MultiScaleSpec(patch_nums=[1, 2, 4], code_dim=4),
                          grid_h=4, grid_w=4, num_classes=3, class_names=["a", "b", "c"], resolution=8)
     return ARModel(spec).eval()
@@ -181,7 +181,7 @@ def test_scale_order_layout():
                                          cond_prefix="vector", backbone=dict(adaln=True))],
                          ids=["argen", "var-like"])
 def test_cached_decoding_equals_full_forward(kw):
-    from ar.model import BackboneConfig
+    from ar.config import BackboneConfig
 
     if "backbone" in kw:
         kw = {**kw, "backbone": BackboneConfig(**kw["backbone"])}
@@ -199,14 +199,12 @@ def test_cached_decoding_equals_full_forward(kw):
 
 
 def test_scale_order_configuration_errors():
-    from ar.model import ModelConfig
-
     for kw, match in ((dict(order="scale", inputs="next_group"), "next-scale inputs go with the scale order"),
                       (dict(order="scale", head="flow"), "next-scale inputs go with the scale order"),
-                      (dict(cond_prefix="vector"), "cond_prefix=vector repeats the adaLN class vector")):
+                      (dict(cond_prefix="vector"), "class_condition.prefix=vector repeats the adaLN class vector")):
         with pytest.raises(ConfigError, match=match):
-            ModelConfig(**kw).validate()
-    with pytest.raises(ValueError, match=r"model.cond_tokens must be 1 \(= 1\^2\), not 2"):
+            model_config(**kw).validate()
+    with pytest.raises(ValueError, match=r"model.class_condition.tokens must be 1 \(= 1\^2\), not 2"):
         tiny_scale_model(cond_tokens=2)
 
 
@@ -302,7 +300,7 @@ VAR_RECIPES = {16: (768, 200, 3e-4), 20: (768, 250, 3e-4), 24: (768, 350, 2.4e-4
 @needs_fixtures
 @pytest.mark.parametrize("depth", sorted(VAR_RECIPES))
 def test_var_recipes_follow_var_and_build_the_released_architecture(depth):
-    from ar.optim import lr_at
+    from common.schedule import lr_at
     from common.config import load_config
     from conftest import ROOT
     from train_gen import RunConfig, warmup_of

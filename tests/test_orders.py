@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from ar.conditioning import ClassCondition
-from ar.orders import make_order
+from ar.orders import OrderConfig, make_order
 from conftest import cached_logits, tiny_model
 from sampling import noise
-from sampling.generate import SamplingConfig, extend, generate
+from sampling.context import extend
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from sampling.guidance import cfg_scale_at
 
 ORDERS = [("raster", {}), ("cell", {"cell": 1}), ("cell", {"cell": 2}), ("cell", {"cell": 4}),
@@ -19,10 +21,10 @@ IDS = [f"{o}{''.join(str(v) for v in kw.values())}" for o, kw in ORDERS]
 
 
 def test_cell_and_subsample_layouts():
-    cell = make_order("cell", 4, 6, cell=2)
+    cell = make_order(OrderConfig("cell", cell=2), 4, 6)
     assert cell.num_steps == 6 and cell.group_size == 4
     assert cell.perm[:8].tolist() == [0, 1, 6, 7, 2, 3, 8, 9]  # cell (0,0), then cell (0,1)
-    sub = make_order("subsample", 4, 4, subsample=2)
+    sub = make_order(OrderConfig("subsample", subsample=2), 4, 4)
     assert sub.perm[:4].tolist() == [0, 2, 8, 10]  # offset (0, 0): every other row and column
     assert sub.perm[4:8].tolist() == [1, 3, 9, 11]  # offset (0, 1)
     for order in (cell, sub, make_order("whole", 3, 5), make_order("raster", 3, 5)):
@@ -30,8 +32,8 @@ def test_cell_and_subsample_layouts():
         assert torch.equal(order.to_grid(order.to_sequence(codes)), codes)
         rows, cols = order.coords()
         assert torch.equal(rows * order.grid_w + cols, order.perm)
-    with pytest.raises(ValueError, match="model.cell=3 must divide"):
-        make_order("cell", 4, 4, cell=3)
+    with pytest.raises(ValueError, match="model.order.cell=3 must divide"):
+        make_order(OrderConfig("cell", cell=3), 4, 4)
 
 
 @pytest.mark.parametrize("order, kw", ORDERS, ids=IDS)
@@ -146,7 +148,7 @@ def test_guidance_schedules_and_interval():
 @pytest.mark.parametrize("name, size, rows_up, count", [("raster", 1, 1, 56), ("cell", 2, 2, 48),
                                                          ("cell", 4, 4, 32), ("subsample", 2, 1, 32)])
 def test_above_is_an_earlier_element_straight_up_in_the_grid(name, size, rows_up, count):
-    order = make_order(name, 8, 8, cell=size, subsample=size)
+    order = make_order(OrderConfig(name, cell=size, subsample=size), 8, 8)
     above, (rows, cols) = order.above(), order.coords()
     has = above >= 0
     assert has.sum() == count  # not the top grid rows (subsample: nor its first row of offsets)

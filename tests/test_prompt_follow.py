@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from dataset.shapes import BACKGROUNDS, CLASSES, FILL_COLORS, POSITIONS, SIZES, caption_for, render
-from evaluation.prompt_follow import (ATTRIBUTES, NONE, VALUES, judge, main, parse_caption,
-                                      score, score_npz, shuffled_baseline)
+from evaluation.prompt_follow import main, parse_caption, score, score_npz, shuffled_baseline
+from evaluation.shape_judge import ATTRIBUTES, NONE, VALUES, judge
 
 COUNT = 200  # images per setting: a miss costs 0.5%, so the thresholds below allow a few
 

@@ -136,7 +136,8 @@ def test_guidance_is_on_whenever_the_scale_is_not_one():
     (LlamaGen's own code guides only above 1; reproduce.py follows it for its checkpoints)."""
     from ar.conditioning import ClassCondition
     from conftest import tiny_model
-    from sampling.generate import SamplingConfig, generate
+    from sampling.generate import generate
+    from sampling.settings import SamplingConfig
     from sampling.guidance import uses_cfg
 
     model, ids = tiny_model(), torch.arange(3)

@@ -126,14 +126,13 @@ def test_class_ids_the_model_lacks_are_one_line_errors(weights, tmp_path, classe
 
 
 def test_class_ids_of_a_converted_model_without_names(tmp_path):
-    from sampling.prompts import grid_rows
     from test_speculative import small_model
 
     model = small_model(3, 2, 2)
     model.spec.class_names = ["class 0", "class 1"]  # a converter's placeholders
     with pytest.raises(ValueError, match=r"classes=\[2\]: no class 2; .* 2 classes \(the weights "
                                          r"carry no class names.*\): pass ids 0-1"):
-        grid_rows(model, [2], None, "cpu")
+        model.cond.grid_rows([2], None, "cpu")
 
 
 def test_classes_and_prompts_together_are_an_error(weights, text_weights, tmp_path):  # noqa: F811

@@ -8,7 +8,8 @@ from ar.conditioning import ClassCondition
 from ar.logits import combine_cfg, process_logits, sample_categorical, top_k_mask, top_p_mask
 from conftest import tiny_model
 from sampling import noise
-from sampling.generate import SamplingConfig, generate
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from sampling.guidance import cfg_scale_at
 
 

@@ -6,8 +6,9 @@ import torch
 from ar.conditioning import ClassCondition, TextCondition
 from ar.model import ARModel
 from conftest import cached_logits, tiny_model, tiny_text_spec
-from sampling.generate import SamplingConfig, generate
-from sampling.speculative import check_supported
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
+from sampling.generate import check_supported
 
 
 def _informative(model: ARModel) -> ARModel:

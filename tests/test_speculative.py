@@ -13,19 +13,22 @@ import pytest
 import torch
 
 from ar.conditioning import ClassCondition
-from ar.model import ARModel, GeneratorSpec, ModelConfig
-from conftest import tiny_model
+from ar.config import GeneratorSpec
+from ar.model import ARModel
+from conftest import model_config, tiny_model
 from sampling import speculative, verify as rules
-from sampling.generate import SamplingConfig, generate
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from sampling.guidance import step_scales
-from sampling.speculative import SpeculativeConfig, generate_speculative
+from sampling.generate import sample_codes
+from sampling.speculative import SpeculativeConfig
 
 
 def small_model(vocab: int, grid_h: int, grid_w: int, seed: int = 0, **kw) -> ARModel:
     """A debug model over a tiny vocabulary and grid, with sharp context-dependent predictions."""
     model_kw = dict(size="debug", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, cond_add=True)
     model_kw.update(kw)
-    spec = GeneratorSpec(model=ModelConfig(**model_kw), vocab_size=vocab, grid_h=grid_h, grid_w=grid_w,
+    spec = GeneratorSpec(model=model_config(**model_kw), vocab_size=vocab, grid_h=grid_h, grid_w=grid_w,
                          num_classes=2, class_names=["a", "b"], resolution=grid_h * 4)
     torch.manual_seed(seed)
     model = ARModel(spec).eval()
@@ -99,7 +102,7 @@ def mixed_counts(codes: torch.Tensor, labels: torch.Tensor) -> dict:
 def sampled_counts(model, settings, sampler, spec, n, seed=0) -> dict:
     """Counts of (label, sequence) over n images of a batch that cycles through LABELS."""
     labels = torch.tensor(LABELS).repeat(n // len(LABELS))
-    codes, _ = generate_speculative(model, ClassCondition(labels), torch.arange(n), seed, settings,
+    codes, _ = sample_codes(model, ClassCondition(labels), torch.arange(n), seed, settings,
                                     sampler, spec)
     return mixed_counts(codes, labels)
 
@@ -166,7 +169,7 @@ def test_greedy_speculative_decoding_equals_greedy_plain_decoding(kw, sampler):
     settings = SamplingConfig(temperature=0.0, cfg_scale=2.0)
     plain = generate(model, cond, ids, 0, settings)
     for window, init in [(1, "random"), (4, "above"), (16, "random")]:
-        codes, stats = generate_speculative(model, cond, ids, 0, settings, sampler,
+        codes, stats = sample_codes(model, cond, ids, 0, settings, sampler,
                                             SpeculativeConfig(window=window, init=init))
         assert torch.equal(codes, plain), (window, init)
         assert stats.steps == 4 * model.order.num_steps and stats.passes <= stats.steps
@@ -178,8 +181,8 @@ def test_each_row_gets_what_it_gets_alone(sampler):
     settings = SamplingConfig(cfg_scale=1.5, top_k=20)
     spec = SpeculativeConfig(window=5, init="above", gsd_d_threshold=10.0)
     labels, ids = torch.tensor([2, 0, 1, 1, 0]), torch.tensor([7, 3, 11, 4, 9])
-    together, stats = generate_speculative(model, ClassCondition(labels), ids, 5, settings, sampler, spec)
-    alone = [generate_speculative(model, ClassCondition(labels[i:i + 1]), ids[i:i + 1], 5, settings,
+    together, stats = sample_codes(model, ClassCondition(labels), ids, 5, settings, sampler, spec)
+    alone = [sample_codes(model, ClassCondition(labels[i:i + 1]), ids[i:i + 1], 5, settings,
                                   sampler, spec) for i in range(5)]
     assert torch.equal(together, torch.cat([codes for codes, _ in alone]))
     assert stats.passes == sum(s.passes for _, s in alone)
@@ -238,7 +241,7 @@ def test_gsd_emits_only_tokens_that_top_k_and_top_p_keep():
     model = tiny_model()
     labels, ids = torch.tensor([0, 1, 2] * 8), torch.arange(24)
     for settings in (SamplingConfig(cfg_scale=1.5, top_k=6), SamplingConfig(top_p=0.5)):
-        codes, _ = generate_speculative(model, ClassCondition(labels), ids, 3, settings, "gsd",
+        codes, _ = sample_codes(model, ClassCondition(labels), ids, 3, settings, "gsd",
                                         SpeculativeConfig(window=8, gsd_d_threshold=100.0))
         seqs = model.order.to_sequence(codes)
         p = targets(model, seqs, labels, settings)  # (B, N, V)
@@ -250,9 +253,9 @@ def test_unsupported_models_are_refused_by_name():
     from test_next_scale import tiny_scale_model
     cond, ids = ClassCondition(torch.tensor([0])), torch.arange(1)
     with pytest.raises(ValueError, match="next_scale.*sampler=plain"):
-        generate_speculative(tiny_scale_model(), cond, ids, 0, SamplingConfig(), "sjd", SpeculativeConfig())
+        sample_codes(tiny_scale_model(), cond, ids, 0, SamplingConfig(), "sjd", SpeculativeConfig())
     from test_flow import flow_model
     with pytest.raises(ValueError, match="flow model.*sampler=plain"):
-        generate_speculative(flow_model(), cond, ids, 0, SamplingConfig(), "coupled", SpeculativeConfig())
+        sample_codes(flow_model(), cond, ids, 0, SamplingConfig(), "coupled", SpeculativeConfig())
     with pytest.raises(ValueError, match="sampler='beam'"):
-        generate_speculative(tiny_model(), cond, ids, 0, SamplingConfig(), "beam", SpeculativeConfig())
+        sample_codes(tiny_model(), cond, ids, 0, SamplingConfig(), "beam", SpeculativeConfig())

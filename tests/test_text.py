@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from ar.conditioning import TextCondition
-from ar.data import BatchStream, CaptionCache, CodeCache
+from ar.conditioning.captions import CaptionCache, CaptionSource
+from ar.data import BatchStream, CodeCache
 from ar.model import ARModel
 from conftest import ROOT, cached_logits, make_code_cache, make_image_folder, tiny_text_spec
-from sampling.generate import SamplingConfig, generate
-from sampling.prompts import grid_rows, prompt_condition
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from tokenizer.text import PAD, CaptionTokenizer, left_pad, train_caption_tokenizer
 from tokenizer.text_cache import TextCacheConfig, read_text_meta, write_text_cache
 
@@ -88,8 +89,8 @@ def test_stream_feeds_captions_of_the_original_images_and_drops_to_the_empty_one
     cache = _captioned_cache(tmp_path / "codes")
     write_text_cache(cache, TextCacheConfig(kind="bpe", vocab_size=300))
     codes = CodeCache(cache)
-    captions = CaptionCache(cache, codes.count)
-    stream = BatchStream(codes, seed=0, cond_dropout=0.3, captions=captions)
+    source = CaptionSource(cache, codes)
+    stream = BatchStream(codes, seed=0, cond_dropout=0.3, source=source)
     batch, cond = stream.batch(0, 24)
     indices, _, drop = stream.plan(0, 24)
     assert torch.equal(batch, codes.get(indices, np.zeros(24, dtype=np.int64)))  # never flipped
@@ -157,12 +158,12 @@ def test_a_text_model_learns_which_caption_draws_which_image():
 def test_prompts_are_checked_against_the_model(tmp_path):
     torch.manual_seed(0)
     model = ARModel(tiny_text_spec(grid=4, text_vocab=257, max_tokens=6)).eval()
-    cond = prompt_condition(model, ["red", ""], "cpu")
+    cond = model.cond.prompt_rows(["red", ""], "cpu")
     assert cond.text.tolist()[1] == [PAD] * 6 and cond.text[0, -1] == ord("d") + 1
     with pytest.raises(ValueError, match=r'prompt "a long prompt" is 13 tokens.*at most 6'):
-        prompt_condition(model, ["a long prompt"], "cpu")
+        model.cond.prompt_rows(["a long prompt"], "cpu")
     with pytest.raises(ValueError, match="text-to-image: give prompt"):
-        grid_rows(model, None, None, "cpu")
+        model.cond.grid_rows(None, None, "cpu")
 
 
 def _run(script, *args):
@@ -244,7 +245,8 @@ def test_prompt_files_plain_or_captions_jsonl(tmp_path):
 
 
 def test_speculative_decoding_reads_captions_too():
-    from sampling.speculative import SpeculativeConfig, generate_speculative
+    from sampling.generate import sample_codes
+    from sampling.speculative import SpeculativeConfig
 
     torch.manual_seed(0)
     model = ARModel(tiny_text_spec(grid=4, cond_add=True)).eval()
@@ -252,10 +254,10 @@ def test_speculative_decoding_reads_captions_too():
     cond, ids = TextCondition(torch.randint(0, 20, (3, 5))), torch.arange(3)
     settings = SamplingConfig(temperature=0.0, cfg_scale=2.0, cfg_schedule="half_linear")
     plain = generate(model, cond, ids, 0, settings)
-    codes, _ = generate_speculative(model, cond, ids, 0, settings, "coupled", SpeculativeConfig(window=4))
+    codes, _ = sample_codes(model, cond, ids, 0, settings, "coupled", SpeculativeConfig(window=4))
     assert torch.equal(codes, plain)
 
 
 def test_text_loss_on_encoder_features_is_refused():
-    with pytest.raises(ValueError, match="text_loss"):
+    with pytest.raises(ValueError, match="text_condition.loss"):
         ARModel(tiny_text_spec("features", grid=4, text_loss=0.1))

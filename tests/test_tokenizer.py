@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import ROOT
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from tokenizer.vq import VectorQuantizer, VQConfig, VQModel
+from tokenizer.quantizer import VectorQuantizer
+from tokenizer.vq import VQConfig, VQModel
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llamagen"
 needs_fixtures = pytest.mark.skipif(
@@ -55,7 +56,7 @@ def test_state_dict_keys_match_llamagen():
 def test_vq16_recipe_matches_llamagen_manifest():
     """configs/tokenizer/vq16_imagenet256.yaml builds LlamaGen's released VQ-16 layout."""
     from common.config import load_config
-    from tokenizer.train import TokenizerTrainConfig
+    from tokenizer.train_config import TokenizerTrainConfig
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(TokenizerTrainConfig, [root / "configs/tokenizer/vq16_imagenet256.yaml"]).model

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ar.conditioning import ClassCondition
-from ar.model import AR_SIZES, ARModel, ModelConfig, transformer_args
+from ar.config import AR_SIZES, ModelConfig, transformer_args
+from ar.model import ARModel
 from ar.orders import RasterOrder
 from ar.transformer import apply_rope, rope_2d
 from conftest import cached_logits, tiny_model, tiny_spec

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from ar.conditioning import ClassCondition
-from ar.model import BackboneConfig, ModelConfig, transformer_args
+from ar.config import BackboneConfig, transformer_args
 from ar.transformer import Transformer
 from common.config import ConfigError
-from conftest import FIXTURES, cached_logits, tiny_model
+from conftest import FIXTURES, cached_logits, model_config, tiny_model
 from convert.var import main
 from convert.var_vqvae import VQVAEConvertConfig, convert_vqvae, infer_vqvae_config, vqvae_key_table
-from sampling.generate import SamplingConfig, generate
+from sampling.generate import generate
+from sampling.settings import SamplingConfig
 from tokenizer import load_tokenizer, save_tokenizer
 from tokenizer.msvq import MSVQConfig, MSVQModel, phi_indices, phi_ticks
 
@@ -204,7 +205,7 @@ def test_backbone_switches_reproduce_var_teacher_forced_logits():
     inputs on ARModel come next); the logits match VAR's within 2e-5."""
     sd = torch.load(VAR / "var_tiny.pth", weights_only=True)
     ref = load_file(str(VAR / "var_tiny_reference.safetensors"))
-    cfg = ModelConfig(dim=128, n_layer=2, n_head=2, backbone=VAR_BLOCK, token_dropout=0.0,
+    cfg = model_config(dim=128, n_layer=2, n_head=2, backbone=VAR_BLOCK, token_dropout=0.0,
                       resid_dropout=0.0, ffn_dropout=0.0)
     net = Transformer(transformer_args(cfg)).eval()
     state = {"final_modulation.1.weight": sd["head_nm.ada_lin.1.weight"],

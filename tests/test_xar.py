@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from ar.checkpoint import load_generator
-from ar.conditioning import ClassCondition, TimestepEmbedder
+from ar.conditioning import ClassCondition
+from ar.timestep import TimestepEmbedder
 from ar.model import ARModel
 from conftest import FIXTURES
 from convert.xar import XARConvertConfig, convert_xar, infer_xar_spec, main
 from sampling.flow import generate_flow, time_grid
-from sampling.generate import SamplingConfig
+from sampling.settings import SamplingConfig
 
 XAR = FIXTURES.parent / "xar"
 CKPT = XAR / "xar_tiny.pt"
@@ -113,7 +114,7 @@ def test_released_sizes_map_key_for_key(name, size):
     step = torch.arange(256) // 64
     cells[0, 0][step[None, :] > step[:, None]] = float("-inf")
     spec = infer_xar_spec(shapes, cells)
-    assert spec.model.size == size and spec.model.cell == 8 and spec.latent_channels == 16
+    assert spec.model.size == size and spec.model.order.cell == 8 and spec.latent_channels == 16
     with torch.device("meta"):
         model = ARModel(spec)
         fake = {k: torch.empty(s) for k, s in shapes.items()}

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from dataset.images import save_png, to_uint8
 from tokenizer.kl_loss import LatentStats
 from tokenizer.msvq_train import rounded, usage_per_scale
-from tokenizer.vq import code_usage
+from tokenizer.quantizer import code_usage
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ from common.config import ConfigError, check_fields
 from tokenizer.base import ImageTokenizer
 from tokenizer.msvq_train import scale_code_stats
 from tokenizer.msvq_nets import Decoder, Encoder
-from tokenizer.vq import ChannelNorm, CodeTracker, init_convs_and_norms
+from tokenizer.quantizer import CodeTracker
+from tokenizer.vq import ChannelNorm, init_convs_and_norms
 
 RELEASE_PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's 256px schedule (L = 680)
 

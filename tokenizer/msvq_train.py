@@ -2,7 +2,7 @@
 histogram of every scale, and the per-scale usage that tokenizer/train.py logs and reports
 (VAR kept an EMA of hits per scale, `ema_vocab_hit_SV`, for the same purpose).
 
-Usage over a window of batches and dead-code restarts are the VQ's (tokenizer/vq.py
+Usage over a window of batches and dead-code restarts are the VQ's (tokenizer/quantizer.py
 CodeTracker) over one row per scale: a code is dead when no scale chose it in the window.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenizer.vq import code_usage
+from tokenizer.quantizer import code_usage
 
 
 def scale_code_stats(indices: list[torch.Tensor], codebook_size: int, latents: torch.Tensor) -> dict:

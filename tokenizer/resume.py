@@ -16,8 +16,9 @@ from common.config import recorded_differences
 from common.io import DiskFullError, atomic_torch_save
 
 # settings that define a tokenizer run: a resume with any of them changed is refused
-RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "grad_clip",
-               "l1_weight", "gan", "disc_start", "disc_weight", "disc_layers", "disc_ch", "seed")
+RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup", "schedule", "min_lr_ratio",
+               "grad_clip", "l1_weight", "gan", "disc_start", "disc_weight", "disc_layers", "disc_ch",
+               "seed")
 # ... and those of one tokenizer family (the others' settings are unused by it)
 FAMILY_KEYS = {"vq": ("codebook_weight", "restart_dead"), "kl": ("kl_weight",),
                "msvq": ("codebook_weight", "restart_dead")}

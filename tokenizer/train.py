@@ -15,146 +15,44 @@ scale), for the KL kl_weight * KL (tokenizer/kl_loss.py); optionally a PatchGAN 
 with VQGAN's adaptive weight. A KL run logs the posterior's statistics and
 the latent scale 1/std they suggest; with model.latent_scale=0 the exported config stores the
 scale measured on the evaluation images at the end (LDM's scale_by_std, MAR's 0.2325).
+The settings are tokenizer/train_config.py; the learning-rate schedule is the generator's
+(common/schedule.py), and so are the DDP wrapping and the per-rank seed rule (common/dist.py).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.config import ConfigError, check_fields, check_paths, parse_cli, run_cli, to_yaml
-from common.dist import all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger, init_distributed
+from common.config import ConfigError, check_paths, parse_cli, run_cli, to_yaml
+from common.dist import (all_reduce_mean, all_reduce_sum, barrier, cleanup, get_logger,
+                         init_distributed, rank_seed, wrap_ddp)
 from common.io import atomic_write_text, make_folder
-from dataset.folder import FINGERPRINTS, ClassFolderDataset
+from common.schedule import lr_at
+from dataset.folder import ClassFolderDataset
 from tokenizer import build_tokenizer, save_tokenizer
 from tokenizer.batches import batches, load_all
 from tokenizer.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from tokenizer.evaluate import (evaluate, export_config, family_summary, family_text, psnr,
                                 reconstruction_fid)
-from tokenizer.kl import KLConfig
 from tokenizer.kl_loss import kl_losses, step_noise
-from tokenizer.msvq import MSVQConfig
 from tokenizer.msvq_train import scale_scalars
 from tokenizer.resume import disk_full_advice, load_checkpoint, run_identity, save_checkpoint
-from tokenizer.vq import VQConfig
-
-
-@dataclass
-class DataConfig:
-    root: str = "???"  # class-folder dataset root (root/<class>/<images>)
-    resolution: int = 256  # training images are center-cropped to this side
-    eval_root: str = ""  # images for the final PSNR/usage and grid; empty: use data.root
-    in_memory: bool = False  # decode every image once into RAM (small datasets: much faster on CPU)
-    fingerprint: str = "stat"  # what a resume checks the images by: stat (names, sizes, modification times) | content (every file's bytes; reads the dataset)
-
-    def validate(self) -> None:
-        check_fields(self, "data.", {"resolution": ">= 1", "fingerprint": FINGERPRINTS})
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 128  # global batch, split evenly over ranks
-    steps: int = 100000  # optimizer steps in total
-    lr: float = 1e-4  # peak AdamW learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    weight_decay: float = 0.05  # AdamW weight decay
-    warmup: int = 0  # linear learning-rate warm-up steps
-    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 10% of lr)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    l1_weight: float = 0.0  # weight of an extra L1 reconstruction loss (L2 always has weight 1)
-    codebook_weight: float = 1.0  # VQ, msvq: weight of codebook + commitment losses
-    restart_dead: int = 0  # VQ, msvq: re-seed codes unused (at every scale) for this many batches from encoder outputs; 0: off
-    usage_window: int = 100  # VQ, msvq: batches over which codebook usage is reported
-    kl_weight: float = 1e-6  # KL: weight of the KL term (summed over an image's latent elements, batch mean; LDM)
-    gan: bool = False  # add the PatchGAN adversarial loss
-    disc_start: int = 20000  # step at which the GAN loss (and discriminator training) starts
-    disc_weight: float = 0.5  # GAN loss weight, times the adaptive weight
-    disc_layers: int = 3  # PatchGAN stride-2 layers
-    disc_ch: int = 64  # PatchGAN base channels
-    eval_images: int = 512  # images for the final PSNR / usage evaluation
-    rfid: bool = False  # also report rFID: the eval images' reconstructions vs the originals (needs `make inception`)
-    rfid_ref: str = ""  # reference .npz of those originals (eval_fid.py mode=ref) to reuse; empty: an extra Inception pass
-    seed: int = 0  # seeds init and the data order (a function of seed and step)
-    num_workers: int = 2  # DataLoader workers (unused with data.in_memory)
-    log_every: int = 50  # steps between logged scalars
-    ckpt_every: int = 1000  # steps between resume checkpoints
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    precision: str = "fp32"  # "fp32", or "bf16" autocast (GPU; the quantiser stays float32)
-
-    def validate(self) -> None:
-        check_fields(self, "train.", {
-            "batch_size": ">= 1", "steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
-            "warmup": ">= 0", "schedule": ("constant", "cosine"), "grad_clip": ">= 0",
-            "l1_weight": ">= 0", "codebook_weight": ">= 0", "restart_dead": ">= 0", "kl_weight": ">= 0",
-            "usage_window": ">= 1", "disc_start": ">= 0", "disc_weight": ">= 0",
-            "disc_layers": ">= 1", "disc_ch": ">= 1", "eval_images": ">= 1", "num_workers": ">= 0",
-            "log_every": ">= 1", "ckpt_every": ">= 1", "device": ("auto", "cpu", "cuda"),
-            "precision": ("fp32", "bf16")})
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas={self.betas} is out of range; it must be two numbers in [0, 1)")
-
-
-@dataclass
-class TokenizerTrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)  # training images
-    model: VQConfig = field(default_factory=VQConfig)  # tokenizer architecture
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
-    out_dir: str = "runs/tokenizer"  # run directory: checkpoint, weights, logs, summary
-
-
-@dataclass
-class KLTokenizerTrainConfig(TokenizerTrainConfig):
-    model: KLConfig = field(default_factory=KLConfig)  # tokenizer architecture
-
-
-@dataclass
-class MSVQTokenizerTrainConfig(TokenizerTrainConfig):
-    model: MSVQConfig = field(default_factory=MSVQConfig)  # tokenizer architecture
-
-
-SCHEMAS = {"vq": TokenizerTrainConfig, "kl": KLTokenizerTrainConfig, "msvq": MSVQTokenizerTrainConfig}
-
-
-def schema_for(argv) -> type:
-    """The schema the command line asks for: model.name from the config files, then overrides
-    (applied in that order, as parse_cli merges them). Unknown names get the VQ schema, and
-    build_tokenizer then names the known ones."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    name = "vq"
-    for path in files:
-        try:
-            name = OmegaConf.select(OmegaConf.load(path), "model.name", default=name)
-        except Exception:  # missing or broken files are reported by parse_cli
-            pass
-    for a in args:
-        if a.startswith("model.name="):
-            name = a.split("=", 1)[1]
-    return SCHEMAS.get(name, TokenizerTrainConfig)
+from tokenizer.train_config import TokenizerTrainConfig, TrainConfig, schema_for
 
 
 # ---------------------------------------------------------------- training pieces
 
-def lr_at(t: TrainConfig, step: int) -> float:
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    if t.schedule == "cosine":
-        frac = (step - t.warmup) / max(1, t.steps - t.warmup)
-        return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-    return t.lr
+def step_lr(t: TrainConfig, step: int) -> float:
+    """The learning rate at `step`: the generator's schedule (common/schedule.py) over the run."""
+    return lr_at(step, t.lr, t.warmup, t.steps, t.schedule, t.min_lr_ratio)
 
 
 def make_optimizer(params, t: TrainConfig):
@@ -244,15 +142,8 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     t = cfg.train
     info = init_distributed(t.device)
     log = get_logger("tokenizer.train", info.rank)
-    if t.batch_size % info.world_size:
-        raise SystemExit(f"error: train.batch_size={t.batch_size} is not divisible by the "
-                         f"{info.world_size} processes")
+    check_launch(cfg, info)
     out = Path(cfg.out_dir)
-    if info.is_main:
-        if t.rfid:  # fail now, not after training, when the Inception weights are missing
-            from evaluation.weights import resolve_weights
-
-            resolve_weights()
     torch.manual_seed(t.seed)  # same init on every rank
     dataset = ClassFolderDataset(cfg.data.root, cfg.data.resolution)
     identity = run_identity(cfg, dataset)
@@ -265,11 +156,9 @@ def run(cfg: TokenizerTrainConfig) -> dict:
         log.info(f"{out} already holds the finished run; nothing to do")
         cleanup()
         return json.loads((out / "summary.json").read_text())
-    torch.manual_seed(t.seed * 7919 + start * 31 + info.rank)  # dropout noise differs per rank
-    net, d_net = raw, disc
-    if info.world_size > 1:  # usage buffers are synced by hand (track_codes), not broadcast
-        net = DDP(raw, **_ddp_options(raw))
-        d_net = DDP(disc) if disc is not None else None
+    # dropout noise differs per rank, and a resumed run draws new masks
+    torch.manual_seed(rank_seed(t.seed, info.rank, stride=7919, offset=start * 31))
+    net, d_net = wrap_nets(raw, disc, info)
     images = load_all(dataset, t.num_workers) if cfg.data.in_memory else None
     writer = make_writer(out) if info.is_main else None
 
@@ -278,15 +167,16 @@ def run(cfg: TokenizerTrainConfig) -> dict:
                dynamic_ncols=True)
     for step, x in enumerate(batches(cfg, dataset, images, start, info), start=start):
         x = x.to(info.device, non_blocking=True)
+        lr = step_lr(t, step)
         for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
-            group["lr"] = lr_at(t, step)
+            group["lr"] = lr
         recon, scalars, stats = generator_step(cfg, net, disc, opt, x, step, info.rank)
         if disc is not None and step >= t.disc_start:
             scalars.update(disc_step(d_net, opt_d, x, recon))
         if raw.kind != "continuous":  # VQ and msvq: codes
             restarted += track_codes(raw, stats, t, step)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            scalars.update({"psnr": psnr(recon, x), "lr": lr_at(t, step),
+            scalars.update({"psnr": psnr(recon, x), "lr": lr,
                             **step_stats(raw, stats, restarted)})
             log_scalars(writer, bar, scalars, window_usage(raw, t), step + 1)
             restarted = 0
@@ -300,6 +190,19 @@ def run(cfg: TokenizerTrainConfig) -> dict:
     bar.close()
     with disk_full_advice(saved):
         return finish(cfg, raw, disc, opt, opt_d, info, log, writer, time.time() - t0, start, identity)
+
+
+def check_launch(cfg, info) -> None:
+    """Refuse a global batch the processes cannot split, and an rFID without the Inception
+    weights now, not after training."""
+    t = cfg.train
+    if t.batch_size % info.world_size:
+        raise SystemExit(f"error: train.batch_size={t.batch_size} is not divisible by the "
+                         f"{info.world_size} processes")
+    if info.is_main and t.rfid:
+        from evaluation.weights import resolve_weights
+
+        resolve_weights()
 
 
 def step_stats(raw, stats: dict, restarted: int) -> dict:
@@ -320,15 +223,20 @@ def weights_path(cfg) -> Path:
     return Path(cfg.out_dir) / f"{cfg.model.name}.safetensors"
 
 
-def _ddp_options(raw) -> dict:
-    """No buffer sync (newer torch renamed broadcast_buffers, and warns about the old name);
-    unused parameters allowed where a multi-scale schedule leaves phi convs unused (VAR's
-    layout keeps share_quant_resi convs whatever the number of scales)."""
-    new = "forward_sync_buffers" in inspect.signature(DDP).parameters
+def wrap_nets(raw, disc, info):
+    """The tokenizer and discriminator under DDP when there are several processes. The
+    tokenizer's usage buffers are synced by hand (track_codes), not broadcast."""
+    if info.world_size == 1:
+        return raw, disc
+    net = wrap_ddp(raw, info.device, sync_buffers=False, find_unused=has_unused_phi(raw))
+    return net, (wrap_ddp(disc, info.device) if disc is not None else None)
+
+
+def has_unused_phi(raw) -> bool:
+    """Whether a multi-scale schedule leaves phi convs unused (VAR's layout keeps
+    share_quant_resi convs whatever the number of scales): DDP must then allow unused parameters."""
     q = getattr(raw, "quantize", None)
-    unused = hasattr(q, "phi_of_scale") and len(set(q.phi_of_scale)) < len(q.phi)
-    return {"forward_sync_buffers" if new else "broadcast_buffers": False,
-            **({"find_unused_parameters": True} if unused else {})}
+    return hasattr(q, "phi_of_scale") and len(set(q.phi_of_scale)) < len(q.phi)
 
 
 def build(cfg, info, log, identity):

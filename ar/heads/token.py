@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar.logits import combine_cfg, process_logits, sample_categorical
+from ar.logits import DrawSettings, guide, process_logits, sample_categorical
 from common.config import check_fields
 
 
@@ -54,17 +54,14 @@ class TokenHead(nn.Module):
         return loss, {"acc": acc.detach()}
 
     def step_logits(self, h: torch.Tensor, cfg_scale: float | torch.Tensor | None,
-                    settings) -> torch.Tensor:
+                    settings: DrawSettings) -> torch.Tensor:
         """Filtered logits (B, G, V) of one step from h (R, G, D); with CFG the conditional
         rows come first and R = 2B."""
-        logits = self.logits(h)  # (R, G, V)
-        if cfg_scale is not None:
-            cond, uncond = logits.chunk(2)  # conditional rows first
-            logits = combine_cfg(cond, uncond, cfg_scale)  # (B, G, V)
+        logits = guide(self.logits(h), cfg_scale)  # (B, G, V)
         return process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
 
     @torch.no_grad()
-    def probs(self, h: torch.Tensor, cfg_scale, settings) -> torch.Tensor:
+    def probs(self, h: torch.Tensor, cfg_scale, settings: DrawSettings) -> torch.Tensor:
         """The distribution a draw samples from, (B, G, V) (speculative decoding needs it)."""
         logits = self.step_logits(h, cfg_scale, settings)
         if settings.temperature == 0:
@@ -72,7 +69,7 @@ class TokenHead(nn.Module):
         return logits.softmax(-1)
 
     @torch.no_grad()
-    def draw(self, h: torch.Tensor, cfg_scale, settings, uniform: torch.Tensor) -> torch.Tensor:
+    def draw(self, h: torch.Tensor, cfg_scale, settings: DrawSettings, uniform: torch.Tensor) -> torch.Tensor:
         """One step's tokens (B, G); `uniform` (B, G, V) in (0, 1) is the step's noise."""
         logits = self.step_logits(h, cfg_scale, settings)
         return sample_categorical(logits, uniform, settings.temperature)
