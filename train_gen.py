@@ -206,22 +206,6 @@ RESUME_KEYS = ("global_batch", "lr", "weight_decay", "beta1", "beta2", "warmup_s
                "zero_stage", "seed")
 
 
-def copy_quantizer(model: ARModel, spec: GeneratorSpec) -> None:
-    """Next-scale inputs rebuild features with the tokenizer's quantiser: copy it (frozen)
-    from the tokenizer file the cache was encoded with."""
-    from tokenizer import load_tokenizer, tokenizer_sha256
-
-    path = Path(spec.tokenizer_path)
-    why = "next-scale training rebuilds its inputs with that tokenizer's quantiser"
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} (recorded in data.codes's meta.json) not found; "
-                                f"{why}: put the file back, or re-encode the cache")
-    if tokenizer_sha256(path) != spec.tokenizer_sha256:
-        raise ValueError(f"tokenizer {path} changed since the cache was encoded (sha256 differs); "
-                         f"{why}: re-encode the cache with it, or restore the original file")
-    model.inputs.load_quantizer(load_tokenizer(path, device=model.levels.device))
-
-
 @dataclass
 class Run:
     """A training run's state between steps."""
@@ -246,8 +230,7 @@ def build_run(cfg: RunConfig, data: RunData, ckpt: Path | None, info, micro: int
     """Model, EMA, engine and data stream; resumed from `ckpt` when there is one."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ARModel(data.spec).to(info.device)
-    if data.spec.multiscale.patch_nums:
-        copy_quantizer(model, data.spec)
+    model.inputs.prepare_training(data.spec)  # e.g. next-scale: the tokenizer's quantiser
     data.source.fill_null(model.cond)  # e.g. the empty caption (saved with the weights)
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
     eng = build_engine(cfg.train, model, info, micro, accum)

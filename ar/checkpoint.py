@@ -82,6 +82,11 @@ def save_resume(run_dir: str | Path, step: int, samples: int, model, optimizer, 
     if info.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        for torn in root.glob(".*.tmp"):  # what a run killed mid-write left: a folder, LATEST's temp
+            if torn.is_dir():
+                shutil.rmtree(torn, ignore_errors=True)
+            else:
+                torn.unlink(missing_ok=True)
         atomic_write_text(root / "LATEST", final.name + "\n")
         old = sorted(p for p in root.glob("step_*") if p.is_dir())
         for p in old[:-keep] if keep > 0 else []:

@@ -37,6 +37,7 @@ Next-scale inputs implement the same. Every kind also says where the predictions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,15 +78,22 @@ class _Inputs(nn.Module):
         supports_window  `elements` feeds any window of elements per row at once (speculative
                          decoding verifies drafted windows with it)
         prefill_predicts_first  step 0 is predicted by the prefill itself (no pass of its own)
+        token_table      its inputs are the codebook embeddings of tokens (model.tok_embeddings)
+    and `prepare_training(spec)` fetches what a new model needs from outside its weights (the
+    next-scale inputs: the tokenizer's quantiser).
     """
 
     timed = False
     integrates = False
     supports_window = False
     prefill_predicts_first = False
+    token_table = False
 
     def initialize(self) -> None:
         """Initialise own parameters beyond the model's N(0, 0.02) (none by default)."""
+
+    def prepare_training(self, spec) -> None:
+        """Anything a new model needs from outside its weights before training (none by default)."""
 
     def predictions(self, h: torch.Tensor) -> torch.Tensor:
         """The states predicting each sequence element (B, N, D) from all positions' (B, L, D)."""
@@ -104,6 +112,7 @@ class _Inputs(nn.Module):
 class NextTokenInputs(_Inputs):
     kind = "next_token"
     tokenizer_kind = "discrete"
+    token_table = True
     supports_window = True
     prefill_predicts_first = True
 
@@ -154,6 +163,7 @@ class _OwnStepInputs(_Inputs):
 class NextGroupInputs(_OwnStepInputs):
     kind = "next_group"
     tokenizer_kind = "discrete"
+    token_table = True
     supports_window = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):
@@ -246,6 +256,21 @@ class NextScaleInputs(_Inputs):
         """Copy the multi-scale tokenizer's codebook and phi convolutions (frozen)."""
         self.quantizer.load_state_dict(tokenizer.quantize.state_dict(), strict=True)
 
+    def prepare_training(self, spec) -> None:
+        """The inputs are rebuilt with the tokenizer's quantiser: copy it (frozen) from the
+        tokenizer file the cache was encoded with (then it is saved with the weights)."""
+        from tokenizer import load_tokenizer, tokenizer_sha256
+
+        path = Path(spec.tokenizer_path)
+        why = "next-scale training rebuilds its inputs with that tokenizer's quantiser"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer {path} (recorded in data.codes's meta.json) not found; "
+                                    f"{why}: put the file back, or re-encode the cache")
+        if tokenizer_sha256(path) != spec.tokenizer_sha256:
+            raise ValueError(f"tokenizer {path} changed since the cache was encoded (sha256 differs); "
+                             f"{why}: re-encode the cache with it, or restore the original file")
+        self.load_quantizer(load_tokenizer(path, device=self.word_embed.weight.device))
+
     def _embed(self, features: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
         x = self.word_embed(features.to(self.word_embed.weight.dtype))  # (B, n, D)
         return x if vector is None else x + vector
@@ -276,6 +301,7 @@ class NextScaleInputs(_Inputs):
 class ShuffleInputs(_Inputs):
     kind = "shuffle"
     tokenizer_kind = "discrete"
+    token_table = True
     prefill_predicts_first = True
 
     def __init__(self, order: Order, prefix: int, dim: int, spec=None):

@@ -47,8 +47,7 @@ class ARModel(nn.Module):
         self.prefix = self.cond.num_tokens  # condition positions P before the sequence
         inputs = INPUTS[input_kind(m)]
         # token inputs are codebook embeddings; flow and next-scale inputs project their own
-        self.tok_embeddings = (nn.Embedding(spec.vocab_size, a.dim)
-                               if inputs.tokenizer_kind == "discrete" else None)
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, a.dim) if inputs.token_table else None
         self.cond_add = self.cond.input_table()  # a vector of the condition on every input, or None
         inputs = inputs(self.order, self.prefix, a.dim, spec)
         self.length = self.prefix + inputs.length  # sequence positions L, prefix included
@@ -59,8 +58,7 @@ class ARModel(nn.Module):
         self.level_embed = nn.Embedding(self.order.num_steps, a.dim) if m.level_embed else None
         self.register_buffer("levels", self._levels(), persistent=False)
         self.transformer = Transformer(replace(a, capacity=self.length))
-        outputs = spec.latent_channels if head.continuous else spec.vocab_size
-        self.head = head(a.dim, outputs, getattr(m, config_field))
+        self.head = head(a.dim, head.output_size(spec), getattr(m, config_field))
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.initialize_weights()
 
@@ -96,7 +94,7 @@ class ARModel(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
-        for table in (self.pos_embed, getattr(self.transformer, "mid_pos", None)):
+        for table in (self.pos_embed, self.transformer.mid_pos):
             if table is not None:
                 nn.init.normal_(table, std=0.02)
         modulations = [layer.modulation for layer in self.transformer.layers]

@@ -296,6 +296,8 @@ class Transformer(nn.Module):
             self.mid_norm = RMSNorm(a.dim, a.norm_eps)
             self.mid_proj = nn.Linear(a.dim, a.dim)
             self.mid_pos = nn.Parameter(torch.zeros(a.capacity, a.dim))  # (L, D) by position
+        else:
+            self.mid_norm = self.mid_proj = self.mid_pos = None
         if a.final_adaln:  # VAR's AdaLNBeforeHead: norm without weight, then (scale, shift)
             self.norm = NORMS[a.block_norm](a.dim, a.norm_eps, affine=False)
             self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.dim, 2 * a.dim))

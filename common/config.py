@@ -1,7 +1,8 @@
 """Typed configuration: OmegaConf structured configs built from dataclasses.
 
-Every entry point takes `--config FILE.yaml` (repeatable, merged in order) followed by
-`key=value` overrides, e.g.
+Every entry point takes `--config FILE.yaml` (repeatable, merged in order; a file may name
+`base: OTHER.yaml` files to start from, common/config_files.py) followed by `key=value`
+overrides, e.g.
 
     python train_gen.py --config configs/quickstart.yaml train.max_steps=200 model.size=AR-B
 
@@ -25,11 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                                ValidationError)
 
+from common.config_files import ConfigError, files_to_merge
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file/key/value named in the message."""
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -113,20 +112,11 @@ def _upgraded(schema: type, node: DictConfig, merged: DictConfig | None, source:
 
 def load_config(schema: type[T], files: Sequence[str | Path] = (),
                 overrides: Sequence[str] = ()) -> T:
-    """Merge YAML files (in order) then `key=value` overrides onto the schema's defaults."""
+    """Merge YAML files (in order, each after its `base:` files) then `key=value` overrides onto
+    the schema's defaults."""
     merged: DictConfig = OmegaConf.structured(schema)
-    for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml syntax errors
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is None:
-            continue
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    seen: set[Path] = set()  # bases merged so far: each is merged once
+    for path, loaded in (pair for f in files for pair in files_to_merge(f, seen)):
         try:
             merged = OmegaConf.merge(merged, _upgraded(schema, loaded, merged, str(path)))
         except OmegaConfBaseException as e:
@@ -190,15 +180,20 @@ _FIELD_RE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
 
 
 def _field_comments(schema: type) -> dict[str, str]:
-    try:
-        src = inspect.getsource(schema)
-    except (OSError, TypeError):
-        return {}
+    """Each field's one-line comment, read from the class's source and its bases' (a config
+    may extend another, as SamplingConfig extends the heads' DrawSettings)."""
     out = {}
-    for line in src.splitlines():
-        m = _FIELD_RE.match(line)
-        if m:
-            out.setdefault(m.group(1), m.group(2).strip())
+    for cls in schema.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in src.splitlines():
+            m = _FIELD_RE.match(line)
+            if m:
+                out.setdefault(m.group(1), m.group(2).strip())
     return out
 
 

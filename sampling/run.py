@@ -37,7 +37,7 @@ from sampling.settings import SamplingConfig
 from sampling.outputs import (decode_codes, npz_done, pack_npz, read_shard_cost, save_grid,
                               shard_done, write_shard)
 from sampling.prompts import read_prompts
-from sampling.generate import SAMPLERS, check_supported, plain_passes, sample_codes
+from sampling.generate import SAMPLERS, check_supported, plain_passes, sample_codes, sampler_for
 from sampling.speculative import SpeculativeConfig, SpeculativeStats
 
 
@@ -58,7 +58,7 @@ class SampleRunConfig:
     shard_size: int = 1000  # images mode: images per shard, the unit of resumption
     seed: int = 0  # noise seed; image i's noise depends only on (seed, i)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # guidance and filtering
-    sampler: str = "plain"  # plain (one forward pass per step) | sjd | coupled (lossless) | gsd (lossy, faster): speculative decoding, sampling/speculative.py
+    sampler: str = "plain"  # a name in sampling.generate.SAMPLERS: plain (one forward pass per step; flow models: one integration per step) | sjd | coupled (lossless) | gsd (lossy, faster): speculative decoding, sampling/speculative.py
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # window, draft init and gsd's group of the speculative samplers
     npz: bool = True  # images mode: pack OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) at the end
     device: str = "auto"  # auto | cpu | cuda
@@ -122,38 +122,15 @@ _CODES = {"discrete": "discrete codes", "multiscale": "per-scale codes", "contin
 def check_tokenizer_fits(spec, tokenizer, path, weights) -> None:
     """A tokenizer with another codebook or grid would decode garbage: refuse it, whatever
     the user asked for (another tokenizer of the same shape is only a warning)."""
-    problems = []
     wanted = tokenizer_kind(spec.model)
     if tokenizer.kind != wanted:
-        problems.append(f"a {tokenizer.kind} tokenizer for a generator of {_CODES[wanted]}")
-    elif wanted == "continuous" and tokenizer.latent_channels != spec.latent_channels:
-        problems.append(f"{tokenizer.latent_channels} latent channels vs the generator's "
-                        f"{spec.latent_channels}")
-    elif wanted != "continuous" and tokenizer.codebook_size != spec.vocab_size:
-        problems.append(f"codebook {tokenizer.codebook_size} codes vs the generator's {spec.vocab_size}")
-    scales = tokenizer.kind == wanted == "multiscale"
-    if scales and list(tokenizer.patch_nums) != list(spec.multiscale.patch_nums):
-        # the schedule fixes the grid, so this also says why the grids differ
-        problems.append(f"scale schedule {list(tokenizer.patch_nums)} vs the generator's "
-                        f"{list(spec.multiscale.patch_nums)}")
-    elif (grid := _grid_of(tokenizer, spec.resolution)) != (spec.grid_h, spec.grid_w):
-        problems.append(f"{grid[0]:g}x{grid[1]:g} codes per {spec.resolution}-px image vs the "
-                        f"generator's {spec.grid_h}x{spec.grid_w}")
+        problems = [f"a {tokenizer.kind} tokenizer for a generator of {_CODES[wanted]}",
+                    *tokenizer.grid_problems(spec)]
+    else:
+        problems = tokenizer.fit_problems(spec)
     if problems:
         raise ValueError(f"tokenizer {path} does not fit generator {weights}: {'; '.join(problems)}; "
                          f"pass the tokenizer the generator was trained on (tokenizer=PATH)")
-
-
-def _grid_of(tokenizer, resolution: int) -> tuple[float, float]:
-    """The tokenizer's latent grid for images of the generator's side. Where its own geometry
-    refuses that side (a downsampling factor that does not divide it, a scale schedule ending
-    at another side), its advice is another image size, which is not the user's remedy here:
-    the latent side the images would have stands in, and the tokenizer does not fit."""
-    try:
-        return tuple(tokenizer.grid(resolution))
-    except ValueError:
-        side = resolution / tokenizer.downsample
-        return side, side
 
 
 def image_labels(cfg: SampleRunConfig, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -199,7 +176,7 @@ def sampler_record(cfg: SampleRunConfig, model, cost: SpeculativeStats, seconds:
     """What the sampler did, for the results JSON: the rule and its options, and per image the
     forward passes against plain sampling's and the tokens committed per pass."""
     record = {"sampler": cfg.sampler}
-    if cfg.sampler != "plain":
+    if sampler_for(cfg.sampler, model).window:  # the options of the samplers that draft windows
         record["speculative"] = asdict(cfg.speculative)
     if cost.images:
         passes = plain_passes(model)

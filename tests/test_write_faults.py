@@ -72,3 +72,24 @@ def test_training_into_a_read_only_folder_names_it_and_not_a_full_disk(read_only
                           capture_output=True, text=True, timeout=300)
     line = one_error_line(proc)
     assert f"cannot write {out}" in line and "no space" not in line and ".tmp" not in line
+
+
+def test_a_checkpoint_clears_what_a_kill_mid_write_left(tmp_path):
+    """A kill while LATEST or a checkpoint folder was being written leaves its temporary file;
+    the next checkpoint of the resumed run removes them, so the run folder ends as an
+    uninterrupted run's (found by the random kills of test_pipeline_faults)."""
+    import torch
+
+    from ar.checkpoint import save_resume
+    from ar.ema import EMA
+    from common.dist import init_distributed
+    from conftest import tiny_model
+
+    model = tiny_model()
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / ".LATEST.k1ll3d00.tmp").write_text("step_00")  # torn pointer
+    (root / ".step_0000008.tmp").mkdir()  # a checkpoint folder never finished
+    opt = torch.optim.AdamW(model.parameters())
+    save_resume(tmp_path, 4, 32, model, opt, EMA(model, 0.9), init_distributed("cpu"), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_0000004"]

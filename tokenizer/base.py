@@ -17,6 +17,30 @@ class ImageTokenizer(nn.Module):
     codebook_size: int | None = None  # number of codes (discrete tokenizers)
     latent_channels: int | None = None  # channels per latent position (continuous tokenizers)
 
+    def fit_problems(self, spec) -> list[str]:
+        """Why this tokenizer's codes would not fit a generator (`spec`: ar's GeneratorSpec):
+        another codebook (channels, for continuous tokenizers) or another grid."""
+        return self.size_problems(spec) + self.grid_problems(spec)
+
+    def size_problems(self, spec) -> list[str]:
+        if self.codebook_size != spec.vocab_size:
+            return [f"codebook {self.codebook_size} codes vs the generator's {spec.vocab_size}"]
+        return []
+
+    def grid_problems(self, spec) -> list[str]:
+        """The latent grid of the generator's image side. Where the tokenizer's own geometry
+        refuses that side (a downsampling factor that does not divide it, a scale schedule
+        ending at another side), its advice is another image size, which is not the user's
+        remedy here: the latent side the images would have stands in."""
+        try:
+            grid = tuple(self.grid(spec.resolution))
+        except ValueError:
+            grid = (spec.resolution / self.downsample,) * 2
+        if grid == (spec.grid_h, spec.grid_w):
+            return []
+        return [f"{grid[0]:g}x{grid[1]:g} codes per {spec.resolution}-px image vs the "
+                f"generator's {spec.grid_h}x{spec.grid_w}"]
+
     def grid(self, resolution: int) -> tuple[int, int]:
         """Code-grid size (h, w) for square images of side `resolution`."""
         if resolution % self.downsample:

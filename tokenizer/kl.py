@@ -149,6 +149,11 @@ class KLModel(ImageTokenizer):
         self.post_quant_conv = vae.post_quant_conv if cfg.post_quant_conv else nn.Identity()
         self.initialize_weights()
 
+    def size_problems(self, spec) -> list[str]:
+        if self.latent_channels != spec.latent_channels:
+            return [f"{self.latent_channels} latent channels vs the generator's {spec.latent_channels}"]
+        return []
+
     def initialize_weights(self) -> None:
         from diffusers.models.attention_processor import Attention
         from diffusers.models.resnet import ResnetBlock2D

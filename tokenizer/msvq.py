@@ -254,6 +254,14 @@ class MSVQModel(ImageTokenizer):
         v = self.cfg.codebook_size
         nn.init.uniform_(self.quantize.embedding.weight, -1 / v, 1 / v)
 
+    def fit_problems(self, spec) -> list[str]:
+        """... and another scale schedule, which fixes the grid (so it also says why the grids
+        differ)."""
+        if list(self.patch_nums) != list(spec.multiscale.patch_nums):
+            return self.size_problems(spec) + [f"scale schedule {list(self.patch_nums)} vs the "
+                                               f"generator's {list(spec.multiscale.patch_nums)}"]
+        return super().fit_problems(spec)
+
     def grid(self, resolution: int) -> tuple[int, int]:
         """The last (finest) scale's grid; the schedule fixes the resolution."""
         h, w = super().grid(resolution)

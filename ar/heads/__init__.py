@@ -5,6 +5,7 @@ config, e.g. `model.token_head`) and initialises its own output layer.
 
 Interface:
     head.continuous                              False: codebook indices; True: latents
+    Head.output_size(spec)                       its output width: codebook size | latent channels
     head.training_pair(seq, step_of, draws) -> (inputs, target, t)
         what the model is fed and must predict for a clean sequence: the codes themselves
         (token), or noisy latents, their velocity and each step's t (flow)

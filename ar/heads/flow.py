@@ -39,6 +39,10 @@ class FlowHead(nn.Module):
         self.channels = channels
         self.output = nn.Linear(dim, channels)  # xAR's `pred`
 
+    @staticmethod
+    def output_size(spec) -> int:
+        return spec.latent_channels  # a velocity per channel
+
     def initialize(self) -> None:
         # zero output (DiT's final layer): training starts from v = 0
         nn.init.zeros_(self.output.weight)

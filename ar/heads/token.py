@@ -34,6 +34,10 @@ class TokenHead(nn.Module):
         self.vocab_size = vocab_size
         self.output = nn.Linear(dim, vocab_size, bias=self.cfg.bias)
 
+    @staticmethod
+    def output_size(spec) -> int:
+        return spec.vocab_size  # a logit per code
+
     def initialize(self) -> None:
         # zero output: training starts from uniform predictions (LlamaGen, DiT)
         nn.init.zeros_(self.output.weight)
