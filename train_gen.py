@@ -132,7 +132,7 @@ _CACHE_HOLDS = {"discrete": "discrete codes, one grid per image (a VQ tokenizer'
 _TOKENIZER_OF = {"discrete": "a VQ tokenizer", "multiscale": "a multi-scale (msvq) tokenizer",
                  "continuous": "a KL tokenizer"}
 _CACHE_FITS = {"discrete": "model.head=token with a single-grid order (raster, cell, subsample, whole)",
-               "multiscale": "model.order=scale (next-scale, VAR) with model.head=token",
+               "multiscale": "model.order.name=scale (next-scale, VAR) with model.head=token",
                "continuous": "model.head=flow"}
 
 
@@ -142,7 +142,7 @@ def open_training_cache(cfg: RunConfig) -> CodeCache | LatentCache:
     found, wanted = cache.meta["kind"], tokenizer_kind(cfg.model)
     if found != wanted:
         raise ConfigError(f"data.codes={cfg.data.codes} holds {_CACHE_HOLDS[found]}, but the model "
-                          f"(model.head={cfg.model.head}, model.order={cfg.model.order}) trains on "
+                          f"(model.head={cfg.model.head}, model.order.name={cfg.model.order.name}) trains on "
                           f"{_CACHE_HOLDS[wanted]}: set {_CACHE_FITS[found]} to train on this "
                           f"cache, or encode the images with {_TOKENIZER_OF[wanted]}")
     return cache

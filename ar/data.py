@@ -37,10 +37,10 @@ _WRONG_KIND = {
     ("discrete", "continuous"): "this cache holds discrete codes; a flow model needs continuous "
                                 "latents: encode with a KL tokenizer",
     ("discrete", "multiscale"): "this cache holds one code grid per image; a next-scale model "
-                                "(model.order=scale) needs every scale's codes: encode with a "
+                                "(model.order.name=scale) needs every scale's codes: encode with a "
                                 "multi-scale (msvq) tokenizer",
     "multiscale": "this cache holds per-scale codes (a multi-scale tokenizer's, VAR's VQVAE); "
-                  "they train a next-scale model (model.order=scale, model.head=token)",
+                  "they train a next-scale model (model.order.name=scale, model.head=token)",
 }
 
 

@@ -8,9 +8,9 @@
 (`head.training_pair`: the codes themselves, or noisy latents and their velocity for flow).
 Inference: `prefill(condition)` writes the prefix into the static KV cache set up by
 `setup_cache`, then `extend(x, positions, ada)` feeds T inputs at T positions against it; the
-cache is the model's only mutable inference state. The free functions in `sampling/generate.py`
-and `sampling/flow.py` drive them step by step. Cached decoding equals a full forward pass for
-every order (tested).
+cache is the model's only mutable inference state. The samplers in `sampling/` (one context,
+`sampling/context.py`, a loop each) drive them step by step. Cached decoding equals a full
+forward pass for every order (tested).
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ class ScaleOrder(Order):
         scales = list(scales)
         if not scales or grid_h != grid_w or scales[-1] != grid_h \
                 or any(a >= b for a, b in zip(scales, scales[1:])) or scales[0] < 1:
-            raise ValueError(f"model.order=scale needs the scale schedule of a multi-scale "
+            raise ValueError(f"model.order.name=scale needs the scale schedule of a multi-scale "
                              f"tokenizer (increasing sides ending at the {grid_h}x{grid_w} grid); "
                              f"got {scales}: train on a multi-scale (msvq) code cache")
         self.scales = scales

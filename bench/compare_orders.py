@@ -1,11 +1,11 @@
 """Generation orders compared on the quickstart's `shapes` codes at one training budget: final
 loss, FID (500 samples vs the 500 held-out images), the class check, forward passes per image
-and sampling images/s at batch 64, side by side. Prints a table (the README's); not a test.
+and sampling images/s at batch 64, side by side. Prints a table (docs/benchmarks.md's); not a test.
 
     make quickstart                                   # once: data, tokenizer, codes, reference
     python bench/compare_orders.py orders=[raster,cell2,cell4,subsample2,whole]
 
-Each order trains with configs/quickstart.yaml plus `model.order=...` (the same steps, batch
+Each order trains with configs/quickstart.yaml plus `model.order.name=...` (the same steps, batch
 and model size), samples with configs/sample/quickstart.yaml, and is scored like the
 quickstart. Every stage is the command a user runs and resumes or skips finished work, so
 re-running continues; the sampling speeds are measured last, one order after the other in

@@ -1,13 +1,13 @@
 """Token-Shuffle at s = 1, 2, 4 on the same captioned data at 128 px, the same training steps:
 training tokens/s, sampling images/s, FID (500 samples for the 500 held-out captions vs the
-500 held-out images) and prompt following. Prints a table (the README's); not a test.
+500 held-out images) and prompt following. Prints a table (docs/text-and-token-shuffle.md's); not a test.
 
     python bench/shuffle_compare.py                  # about 2 hours on a CPU (the VQ: 34 min, s = 1: 50)
 
 The data are `shapes` at 128 px with captions (data/shapes128), tokenized by a 512-code VQ to
 16 x 16 codes (configs/tokenizer/vq_shapes128.yaml) and their captions by a BPE. Each s trains
-configs/shuffle128.yaml (s = 1: the next-token model; s > 1: model.order=cell model.cell=s
-model.inputs=shuffle) and samples with configs/sample/shuffle128.yaml. Every stage is the
+configs/shuffle128.yaml (s = 1: the next-token model; s > 1: model.order.name=cell
+model.order.cell=s model.inputs.name=shuffle) and samples with configs/sample/shuffle128.yaml. Every stage is the
 command a user runs and resumes or skips finished work, so re-running continues; the speeds are
 measured last, in this process, one s after the other on random codes of the same shapes.
 """
@@ -62,7 +62,7 @@ def shared_stages(out: str) -> None:
 
 
 def shuffle_overrides(s: int) -> list[str]:
-    return [] if s == 1 else ["model.order=cell", f"model.cell={s}", "model.inputs=shuffle"]
+    return [] if s == 1 else ["model.order.name=cell", f"model.order.cell={s}", "model.inputs.name=shuffle"]
 
 
 def run_s(out: str, s: int, steps: int) -> dict:

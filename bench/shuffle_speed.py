@@ -6,11 +6,12 @@ on random weights and codes. Prints a table; not a test.
     python bench/shuffle_speed.py size=AR-B dim=null n_layer=null n_head=null grids=[64] \
         train_batch=8 sample_batch=8 precision=bf16 compile=true     # GPU: AR-B at 1024 px (16x VQ)
 
-s = 1 is the plain next-token model (raster order, no fuse layers); s > 1 is model.order=cell
-model.cell=s model.inputs=shuffle with model.shuffle_blocks fuse and unshuffle blocks. The
-sequence is (grid / s)^2 positions: attention cost falls ~s^4-fold and the per-position work
-s^2-fold, while the head still scores every token. Tokens/s counts image tokens (grid^2 per
-image), so the columns compare what a user gets for the same data.
+s = 1 is the plain next-token model (raster order, no fuse layers); s > 1 is
+model.order.name=cell model.order.cell=s model.inputs.name=shuffle with
+model.inputs.shuffle_blocks fuse and unshuffle blocks. The sequence is (grid / s)^2 positions:
+attention cost falls ~s^4-fold and the per-position work s^2-fold, while the head still scores
+every token. Tokens/s counts image tokens (grid^2 per image), so the columns compare what a
+user gets for the same data.
 """
 
 from __future__ import annotations

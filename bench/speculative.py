@@ -1,6 +1,6 @@
 """Speculative decoding against plain sampling, side by side, on models trained with argen:
 forward passes per image, mean accepted length, wall-clock at batch 1 and batch 16, FID and
-the class check on 500 samples. Prints a table per model (the README's); not a test.
+the class check on 500 samples. Prints a table per model (docs/speculative.md's); not a test.
 
     make quickstart                          # the quickstart model (64 tokens of 32 px shapes)
     python scripts/quickstart.py jitter64    # the harder model (256 tokens of jittered 64 px shapes)

@@ -82,8 +82,8 @@ def _checkpoint_file(path: Path) -> Path:
                                     f"checkpoint file itself")
         path = path / "consolidated.pth"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; download it first (see the "
-                                f"README section 'Reproducing published numbers')")
+        raise FileNotFoundError(f"checkpoint {path} not found; download it first (see "
+                                f"docs/reproducing.md)")
     return path
 
 

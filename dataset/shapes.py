@@ -10,7 +10,7 @@ functions evaluated at pixel centres, which anti-aliases them for free.
 By default every attribute is discrete: one radius per size, the centre of each region on a
 lattice of 1/8 of the image side, no rotation, the named colours exactly, flat backgrounds. Equal
 content then gives equal tokenizer codes, which is what lets a 2-minute VQ and a 5-minute GPT on
-a CPU learn the shapes (README, "What to expect from the grid"). `jitter=true` adds continuous
+a CPU learn the shapes (docs/next-token.md, "What to expect from the quickstart"). `jitter=true` adds continuous
 variation inside each attribute (radius within the size's range, position within the region,
 rotation up to 15 degrees, colour jitter, a background gradient): a harder dataset, with the same
 discrete attributes and captions image for image.

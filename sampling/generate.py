@@ -67,8 +67,9 @@ def sampler_for(name: str, model) -> Sampler:
         name = "flow"  # plain: a step at a time; a flow model's step is integrated
     entry = SAMPLERS[name]
     if entry.integrates != model.inputs.integrates:
-        why = entry.note or ("it integrates latents" if entry.integrates else "it draws discrete tokens")
-        raise ValueError(f"sampler={name}: {why}; this model's inputs ({model.inputs.kind}) do not fit")
+        why = entry.note or (f"it {'integrates latents' if entry.integrates else 'draws tokens'}, which "
+                             f"this model's {model.inputs.kind} inputs do not feed")
+        raise ValueError(f"sampler={name}: {why}")
     if entry.window and not model.inputs.supports_window:
         raise ValueError(f"sampler={name}: a {model.inputs.kind} model feeds each step from "
                          f"the whole previous step (next-scale: the previous scales' sum; "

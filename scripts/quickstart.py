@@ -13,7 +13,7 @@ image tokens as one sequence (Token-Shuffle's design); its samples are drawn for
 captions and scored for prompt following (evaluation/prompt_follow.py) as well as FID.
 
 Each stage is the same command a user runs by hand (printed before it runs, and given in the
-README, which a test keeps equal to PIPELINES), so this file is also the pipeline's shortest
+README and docs/ pages, which a test keeps equal to PIPELINES), so this file is also the pipeline's shortest
 documentation. Every stage skips or resumes finished work, so re-running after an interruption
 continues, and re-running a finished pipeline changes no file and says so. Stage wall times go
 to RUN/timings.json; the last step of a class-conditional pipeline checks that the samples
@@ -108,7 +108,7 @@ def dataset_of(pipeline: list) -> tuple[str, int]:
 
 
 def display(cmd: list[str]) -> str:
-    """A stage's command as a person types it (and as the README gives it)."""
+    """A stage's command as a person types it (and as the README and docs/ give it)."""
     return shlex.join(c.replace(PY, "python") for c in cmd)
 
 

@@ -17,7 +17,7 @@ from tokenizer import save_tokenizer
 from tokenizer.encode import main as encode
 from tokenizer.vq import VQConfig, VQModel
 
-FLOW = ["model.size=debug", "model.head=flow", "model.order=cell", "model.cell=2", "model.cond_tokens=0",
+FLOW = ["model.size=debug", "model.head=flow", "model.order.name=cell", "model.order.cell=2", "model.class_condition.tokens=0",
         "model.backbone.adaln=true", "model.pos_embed=learned", "model.token_dropout=0",
         "model.resid_dropout=0", "model.ffn_dropout=0", "train.global_batch=4", "train.max_steps=6",
         "train.log_every=2", "train.ckpt_every=3", "train.device=cpu", "train.threads=1",

@@ -238,7 +238,7 @@ def test_per_scale_cache_holds_every_scale_of_image_and_mirror(tmp_path):
 
 # ------------------------------------------------------------------------- the pipeline
 
-SCALE = ["model.size=debug", "model.order=scale", "model.token_dropout=0", "model.resid_dropout=0",
+SCALE = ["model.size=debug", "model.order.name=scale", "model.token_dropout=0", "model.resid_dropout=0",
          "model.ffn_dropout=0", "train.global_batch=4", "train.max_steps=6", "train.log_every=2",
          "train.ckpt_every=3", "train.device=cpu", "train.threads=1", "train.precision=fp32",
          "grid.per_class=1"]
@@ -284,7 +284,7 @@ def test_cache_and_model_kinds_must_fit(scale_codes, tmp_path):
     proc = run("train_gen.py", f"out_dir={tmp_path / 'a'}", f"data.codes={scale_codes / 'codes'}",
                "model.size=debug", "train.device=cpu", ok=False)
     assert proc.returncode == 1 and "holds per-scale codes" in proc.stderr
-    assert "set model.order=scale" in proc.stderr
+    assert "set model.order.name=scale" in proc.stderr
     codes = make_code_cache(tmp_path / "codes")
     proc = run("train_gen.py", f"out_dir={tmp_path / 'b'}", f"data.codes={codes}", *SCALE, ok=False)
     assert proc.returncode == 1 and "holds discrete codes, one grid per image" in proc.stderr

@@ -34,7 +34,7 @@ from test_train import run_train, train_cmd
 NUM_IMAGES, SHARD, NUM_SAMPLES = 16, 2, 16  # 8 encode shards, 8 sample shards
 STEPS = ["train.max_steps=12", "train.ckpt_every=3", "train.keep_ckpts=2", "model.resid_dropout=0.1",
          "grid.per_class=1"]  # dropout: the resumed RNG state matters
-FLOW = ["model.head=flow", "model.order=cell", "model.cell=2", "model.cond_tokens=0",
+FLOW = ["model.head=flow", "model.order.name=cell", "model.order.cell=2", "model.class_condition.tokens=0",
         "model.backbone.adaln=true", "model.pos_embed=learned", "grid.sampling.flow_steps=2"]
 SPEED = ("samples_per_s", "tokens_per_s")  # the only logged values a resumed run may change
 
@@ -52,13 +52,13 @@ class Pipeline:
 
 PIPELINES = {
     "flow": Pipeline(tiny_kl, train=tuple(FLOW), sample=("sampling.flow_steps=2",)),
-    "scale": Pipeline(tiny_msvq, resolution=8, train=("model.order=scale",),
+    "scale": Pipeline(tiny_msvq, resolution=8, train=("model.order.name=scale",),
                       sample=("sampling.cfg_schedule=linear_full",)),
     "text": Pipeline(_tiny_vq, encode=("text.kind=bpe", "text.vocab_size=300"), captions=True,
                      train=("model.condition=text",)),
     # token-shuffle trains on plain VQ codes: the text pipeline's cache, class-conditioned
     "shuffle": Pipeline(cache_of="text",
-                        train=("model.inputs=shuffle", "model.order=cell", "model.cell=2")),
+                        train=("model.inputs.name=shuffle", "model.order.name=cell", "model.order.cell=2")),
 }
 ENCODED = [name for name, p in PIPELINES.items() if p.tokenizer is not None]
 

@@ -184,8 +184,8 @@ def test_pipeline_encode_train_sample_with_prompts(tmp_path):
          f"out={codes}", "num_workers=0", "text.kind=bpe", "text.vocab_size=300")
     run = tmp_path / "gen"
     _run([str(ROOT / "train_gen.py")], f"out_dir={run}", f"data.codes={codes}", "model.size=debug",
-         "model.condition=text", "model.text_loss=0.1", "model.inputs=shuffle", "model.order=cell",
-         "model.cell=2", "train.global_batch=4", "train.max_steps=3", "train.device=cpu",
+         "model.condition=text", "model.text_condition.loss=0.1", "model.inputs.name=shuffle", "model.order.name=cell",
+         "model.order.cell=2", "train.global_batch=4", "train.max_steps=3", "train.device=cpu",
          "train.precision=fp32", "grid.per_class=2")
     assert (run / "grid_final.png").is_file()  # rows of the cache's captions
     weights = run / "weights" / "ema.safetensors"

@@ -76,7 +76,7 @@ class LabelEmbedder(nn.Module):
             raise ConfigError("model.class_condition.prefix=vector repeats the adaLN class vector: "
                               "it needs model.backbone.adaln=true")
         if c.tokens == 0 and input_kind == "next_token":
-            raise ConfigError("model.inputs=next_token predicts token 0 from the last prefix "
+            raise ConfigError("model.inputs.name=next_token predicts token 0 from the last prefix "
                               "position: it needs model.class_condition.tokens >= 1")
 
     @staticmethod
