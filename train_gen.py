@@ -347,6 +347,7 @@ def export_final(cfg: RunConfig, run: Path, ema_model: ARModel, spec: GeneratorS
     """The EMA weights sample.py reads, the final grid, and summary.json (written last: a run
     with a summary of its last step is finished)."""
     export_generator(run / "weights" / "ema.safetensors", ema_model, to_yaml(cfg))
+    prune_weights(run / "weights", cfg.train.keep_ckpts)  # and what a kill mid-export left
     write_grid(cfg, ema_model, spec, run / "grid_final.png", log)
     parameters = sum(p.numel() for p in ema_model.parameters())
     atomic_write_text(run / "summary.json", json.dumps(

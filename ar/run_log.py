@@ -67,6 +67,10 @@ def truncate_metrics(path: Path, step: int, log) -> dict:
 
 
 def prune_weights(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` step exports (0: all), and remove the temp files of exports a
+    kill interrupted (only the main process writes here)."""
+    for torn in folder.glob(".*.tmp"):
+        torn.unlink(missing_ok=True)
     old = sorted(folder.glob("step_*.safetensors"))
     for p in old[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)

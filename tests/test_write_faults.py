@@ -93,3 +93,14 @@ def test_a_checkpoint_clears_what_a_kill_mid_write_left(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     save_resume(tmp_path, 4, 32, model, opt, EMA(model, 0.9), init_distributed("cpu"), keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_0000004"]
+
+
+def test_a_weights_export_clears_what_a_kill_mid_export_left(tmp_path):
+    """The same for the step exports in weights/ (found by the random kills too)."""
+    from ar.run_log import prune_weights
+
+    (tmp_path / ".step_0000003.safetensors.mr61q6a6.tmp").write_bytes(b"torn")
+    (tmp_path / "step_0000002.safetensors").write_bytes(b"w")
+    (tmp_path / "step_0000004.safetensors").write_bytes(b"w")
+    prune_weights(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004.safetensors"]
