@@ -147,7 +147,7 @@ PAIRINGS = (
 
 def part_names(m: ModelConfig) -> dict[str, str]:
     """The registry name of each part the config picks (inputs resolved from auto)."""
-    return {"head": m.head, "order": m.order.name, "inputs": input_kind(m), "condition": m.condition}
+    return {"head": m.head, "order": m.order.name, "inputs": input_kind(m)}
 
 
 def check_pairings(m: ModelConfig) -> None:

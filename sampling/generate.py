@@ -47,16 +47,15 @@ def _cost(model, B: int) -> SpeculativeStats:
                             passes=B * passes, batch_passes=passes)
 
 
-_SPECULATIVE = ("speculative decoding drafts and verifies discrete tokens; this flow model "
-                "integrates each step's latents, so use sampler=plain")
-SAMPLERS = {
-    "plain": Sampler(plain_loop),
-    "flow": Sampler(flow_loop, integrates=True),
-    "sjd": Sampler(partial(speculative_loop, rule="sjd"), window=True, counts_passes=True, note=_SPECULATIVE),
-    "coupled": Sampler(partial(speculative_loop, rule="coupled"), window=True, counts_passes=True,
-                       note=_SPECULATIVE),
-    "gsd": Sampler(partial(speculative_loop, rule="gsd"), window=True, counts_passes=True, note=_SPECULATIVE),
-}
+def _speculative(rule: str) -> Sampler:
+    """A Jacobi-window sampler with its acceptance rule (sampling/verify.py)."""
+    return Sampler(partial(speculative_loop, rule=rule), window=True, counts_passes=True,
+                   note="speculative decoding drafts and verifies discrete tokens; this flow model "
+                        "integrates each step's latents, so use sampler=plain")
+
+
+SAMPLERS = {"plain": Sampler(plain_loop), "flow": Sampler(flow_loop, integrates=True),
+            "sjd": _speculative("sjd"), "coupled": _speculative("coupled"), "gsd": _speculative("gsd")}
 
 
 def sampler_for(name: str, model) -> Sampler:
@@ -76,10 +75,6 @@ def sampler_for(name: str, model) -> Sampler:
                          f"shuffle: its tokens fused), so a window of drafts cannot be verified "
                          f"in one pass; use sampler=plain")
     return entry
-
-
-def check_supported(model, sampler: str) -> None:
-    sampler_for(sampler, model)
 
 
 def plain_passes(model) -> int:

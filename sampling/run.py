@@ -37,7 +37,7 @@ from sampling.settings import SamplingConfig
 from sampling.outputs import (decode_codes, npz_done, pack_npz, read_shard_cost, save_grid,
                               shard_done, write_shard)
 from sampling.prompts import read_prompts
-from sampling.generate import SAMPLERS, check_supported, plain_passes, sample_codes, sampler_for
+from sampling.generate import SAMPLERS, plain_passes, sample_codes, sampler_for
 from sampling.speculative import SpeculativeConfig, SpeculativeStats
 
 
@@ -279,7 +279,7 @@ def run(cfg: SampleRunConfig) -> None:
     info = dist.init_distributed(cfg.device)
     log = dist.get_logger("sample", info.rank)
     model, tokenizer = load_models(cfg, info.device, log)
-    check_supported(model, cfg.sampler)
+    sampler_for(cfg.sampler, model)  # a sampler that does not fit the model, refused before any work
     if cfg.mode == "grid":
         if info.is_main:
             sample_grid(cfg, model, tokenizer, info.device, log)

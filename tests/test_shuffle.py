@@ -8,7 +8,7 @@ from ar.model import ARModel
 from conftest import cached_logits, tiny_model, tiny_text_spec
 from sampling.generate import generate
 from sampling.settings import SamplingConfig
-from sampling.generate import check_supported
+from sampling.generate import sampler_for
 
 
 def _informative(model: ARModel) -> ARModel:
@@ -70,4 +70,4 @@ def test_bad_shapes_and_speculative_decoding_are_refused_by_name():
         tiny_model(grid=8, inputs="shuffle", order="cell", cell=4, dim=72, n_head=2)
     model = tiny_model(grid=4, inputs="shuffle", order="cell", cell=2)
     with pytest.raises(ValueError, match="shuffle"):
-        check_supported(model, "sjd")
+        sampler_for("sjd", model)
